@@ -1,0 +1,213 @@
+"""VQConfig: the one configuration object of a VQ-VAE / VQGAN tokenizer, plus named size presets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+MODALITIES = ("image", "text")
+VARIANTS = ("vqvae", "vqgan")
+PERCEPTUAL_BACKENDS = ("lpips", "random-vgg", "none")
+BYTE_VOCAB_SIZE = 257  # 256 UTF-8 byte values + one pad symbol
+PAD_BYTE = 256
+
+# Named size presets. Model fields go to VQConfig; the "train" entry holds the
+# training defaults the stage-1 script reads. Each preset is one registry entry
+# and also feeds the command line's `choices`.
+TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
+    # A few steps in seconds: for tests and smoke runs.
+    "tiny": dict(
+        model=dict(
+            base_channels=16, channel_mult=(1, 2), num_res_blocks=1, resolution=16, seq_len=32,
+            codebook_size=64, codebook_dim=8, disc_channels=16, disc_layers=2, disc_start=0,
+        ),
+        train=dict(batch_size=16, learning_rate=2e-4, disc_learning_rate=2e-4, log_every=5,
+                   sample_every=50, checkpoint_every=50),
+    ),
+    # Fashion-MNIST sized: 32x32 -> 8x8 codes; a few thousand steps in well under an hour on 2 CPU cores.
+    "small": dict(
+        model=dict(
+            base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, resolution=32, seq_len=64,
+            codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2, disc_start=1000,
+        ),
+        train=dict(batch_size=64, learning_rate=4e-4, disc_learning_rate=4e-4, log_every=25,
+                   sample_every=500, checkpoint_every=500),
+    ),
+    # A GPU-sized model for 64x64+ images (taming's f=8 configuration, narrower).
+    "base": dict(
+        model=dict(
+            base_channels=128, channel_mult=(1, 1, 2, 2), num_res_blocks=2, resolution=64, seq_len=256,
+            codebook_size=1024, codebook_dim=8, disc_channels=64, disc_layers=3, disc_start=10000,
+        ),
+        train=dict(batch_size=32, learning_rate=2e-4, disc_learning_rate=2e-4, log_every=50,
+                   sample_every=2000, checkpoint_every=2000),
+    ),
+}
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(allowed)}")
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _base_config_keys() -> set[str]:
+    """Keys transformers itself writes into or accepts for every config.json."""
+    keys = set(PretrainedConfig().to_dict())
+    return keys | {"name_or_path", "torch_dtype", "use_return_dict", "tie_word_embeddings"}
+
+
+class VQConfig(PretrainedConfig):
+    """Configuration of a VQ-VAE or VQGAN tokenizer for images or byte-level text."""
+
+    model_type = "vqgen_tokenizer"
+
+    def __init__(
+        self,
+        modality: str = "image",
+        variant: str = "vqvae",
+        # architecture
+        in_channels: int = 1,
+        resolution: int = 32,
+        seq_len: int = 64,
+        byte_vocab_size: int = BYTE_VOCAB_SIZE,
+        byte_embed_dim: int = 64,
+        base_channels: int = 32,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_at_lowest: bool = True,
+        num_groups: int = 8,
+        # codebook
+        codebook_size: int = 512,
+        codebook_dim: int = 8,
+        commitment_beta: float = 0.25,
+        ema_decay: float | None = None,
+        l2_normalize: bool = True,
+        kmeans_init: bool = False,
+        dead_code_threshold: float = 0.0,
+        rotation_trick: bool = False,
+        usage_window: int = 100,
+        # objective
+        l1_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        perceptual_weight: float = 1.0,
+        perceptual_backend: str = "random-vgg",
+        disc_weight: float = 0.5,
+        disc_start: int = 1000,
+        disc_channels: int = 32,
+        disc_layers: int = 2,
+        adaptive_weight_max: float = 1e4,
+        feature_matching_weight: float = 0.0,
+        class_names: list[str] | None = None,
+        **kwargs,
+    ):
+        self.modality = modality
+        self.variant = variant
+        self.in_channels = in_channels
+        self.resolution = resolution
+        self.seq_len = seq_len
+        self.byte_vocab_size = byte_vocab_size
+        self.byte_embed_dim = byte_embed_dim
+        self.base_channels = base_channels
+        self.channel_mult = list(channel_mult)
+        self.num_res_blocks = num_res_blocks
+        self.attn_at_lowest = attn_at_lowest
+        self.num_groups = num_groups
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.commitment_beta = commitment_beta
+        self.ema_decay = ema_decay
+        self.l2_normalize = l2_normalize
+        self.kmeans_init = kmeans_init
+        self.dead_code_threshold = dead_code_threshold
+        self.rotation_trick = rotation_trick
+        self.usage_window = usage_window
+        self.l1_weight = l1_weight
+        self.l2_weight = l2_weight
+        self.perceptual_weight = perceptual_weight
+        self.perceptual_backend = perceptual_backend
+        self.disc_weight = disc_weight
+        self.disc_start = disc_start
+        self.disc_channels = disc_channels
+        self.disc_layers = disc_layers
+        self.adaptive_weight_max = adaptive_weight_max
+        self.feature_matching_weight = feature_matching_weight
+        self.class_names = class_names
+        unknown = sorted(set(kwargs) - _base_config_keys())
+        if unknown:
+            raise ValueError(f"VQConfig got unknown field(s) {unknown}; see VQConfig.__init__ for the allowed fields")
+        super().__init__(**kwargs)
+        self.validate()
+
+    @property
+    def downsample_factor(self) -> int:
+        """Spatial (or sequence) reduction from input to code grid."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's code grid: (h, w) for images, (n,) for text."""
+        if self.modality == "image":
+            side = self.resolution // self.downsample_factor
+            return (side, side)
+        return (self.seq_len // self.downsample_factor,)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first unknown or inconsistent field."""
+        _check_choice("modality", self.modality, MODALITIES)
+        _check_choice("variant", self.variant, VARIANTS)
+        _check_choice("perceptual_backend", self.perceptual_backend, PERCEPTUAL_BACKENDS)
+        if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
+            raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty list of positive integers")
+        for name in ("base_channels", "num_res_blocks", "codebook_dim", "num_groups", "usage_window",
+                     "disc_channels", "disc_layers", "in_channels", "resolution", "seq_len", "byte_embed_dim"):
+            _check_positive_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
+        _check_positive_int("codebook_size", self.codebook_size, minimum=2)
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels={self.in_channels!r} must be 1 (grey) or 3 (RGB)")
+        factor = self.downsample_factor
+        if self.modality == "image" and self.resolution % factor:
+            raise ValueError(
+                f"resolution={self.resolution} is not divisible by the downsampling factor {factor} "
+                f"(2 ** (len(channel_mult) - 1) with channel_mult={self.channel_mult})"
+            )
+        if self.modality == "text" and self.seq_len % factor:
+            raise ValueError(
+                f"seq_len={self.seq_len} is not divisible by the downsampling factor {factor} "
+                f"(2 ** (len(channel_mult) - 1) with channel_mult={self.channel_mult})"
+            )
+        for mult in self.channel_mult:
+            if (self.base_channels * mult) % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} must divide every width base_channels * channel_mult "
+                    f"(got {self.base_channels} * {mult})"
+                )
+        if self.byte_vocab_size != BYTE_VOCAB_SIZE:
+            raise ValueError(f"byte_vocab_size={self.byte_vocab_size} must be {BYTE_VOCAB_SIZE} (256 bytes + pad)")
+        if not 0.0 <= self.commitment_beta:
+            raise ValueError(f"commitment_beta={self.commitment_beta!r} must be >= 0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay!r} must be None or in (0, 1)")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold={self.dead_code_threshold!r} must be >= 0")
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "feature_matching_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if self.disc_start < 0:
+            raise ValueError(f"disc_start={self.disc_start!r} must be >= 0")
+        if self.adaptive_weight_max <= 0:
+            raise ValueError(f"adaptive_weight_max={self.adaptive_weight_max!r} must be > 0")
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> "VQConfig":
+        """Build the config of a named preset (see TOKENIZER_PRESETS), with field overrides."""
+        if preset not in TOKENIZER_PRESETS:
+            raise ValueError(f"preset={preset!r} is unknown; expected one of {list(TOKENIZER_PRESETS)}")
+        fields = dict(TOKENIZER_PRESETS[preset]["model"])
+        fields.update(overrides)
+        return cls(**fields)

@@ -1,0 +1,176 @@
+"""Training objectives: reconstruction, perceptual (LPIPS / random-VGG), hinge GAN and VQGAN's adaptive weight."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import VQConfig
+from .discriminator import build_discriminator
+
+# VGG16 `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (the LPIPS taps).
+VGG_TAPS = (3, 8, 15, 22, 29)
+# ImageNet statistics mapped to inputs in [-1, 1] (LPIPS' ScalingLayer).
+_SHIFT = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+_SCALE = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+
+
+def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    return x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+
+
+class RandomVGGPerceptualLoss(nn.Module):
+    """LPIPS-shaped distance through a fixed, seeded, randomly initialised VGG16 (Liu et al., CVPR 2021)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            features = vgg16(weights=None).features[: VGG_TAPS[-1] + 1]
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("shift", _SHIFT.clone(), persistent=False)
+        self.register_buffer("scale", _SCALE.clone(), persistent=False)
+
+    def train(self, mode: bool = True) -> "RandomVGGPerceptualLoss":
+        return super().train(False)  # fixed feature network: always in eval mode
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean perceptual distance between two image batches in [-1, 1]."""
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        h = torch.cat([x, y])
+        h = (h - self.shift) / self.scale
+        total = h.new_zeros(())
+        for index, layer in enumerate(self.features):
+            h = layer(h)
+            if index in VGG_TAPS:
+                fx, fy = h.chunk(2)
+                total = total + (_unit_channels(fx.float()) - _unit_channels(fy.float())).pow(2).sum(1).mean()
+        return total
+
+
+class LPIPSLoss(nn.Module):
+    """LPIPS (Zhang et al. 2018) over torchvision's ImageNet VGG16, via torchmetrics' implementation."""
+
+    def __init__(self):
+        super().__init__()
+        from torchmetrics.functional.image.lpips import _LPIPS
+
+        try:
+            self.lpips = _LPIPS(pretrained=True, net="vgg").eval().requires_grad_(False)
+        except Exception as error:  # torchvision raises URLError/HTTPError/RuntimeError when offline
+            raise ValueError(
+                "perceptual_backend='lpips' needs torchvision's ImageNet VGG16 weights, which could not be "
+                f"loaded ({type(error).__name__}: {error}). Either run once with network access so torchvision "
+                "caches them under $TORCH_HOME/hub/checkpoints, copy vgg16-397923af.pth there by hand, or train "
+                "with --perceptual random-vgg (offline) or --perceptual none."
+            ) from error
+
+    def train(self, mode: bool = True) -> "LPIPSLoss":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
+        return self.lpips(x, y).mean()
+
+
+def build_perceptual(backend: str) -> nn.Module | None:
+    """The perceptual loss module named by `backend`, or None for 'none'."""
+    if backend == "lpips":
+        return LPIPSLoss()
+    if backend == "random-vgg":
+        return RandomVGGPerceptualLoss()
+    if backend == "none":
+        return None
+    raise ValueError(f"perceptual_backend={backend!r}; expected 'lpips', 'random-vgg' or 'none'")
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss for the discriminator: mean(relu(1 - D(x))) + mean(relu(1 + D(G(z)))), halved."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
+) -> torch.Tensor:
+    """VQGAN's lambda = ||grad L_rec|| / (||grad L_gan|| + 1e-4) at the decoder's last layer, clamped."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.float().norm() / (gan_grad.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+class TokenizerObjective(nn.Module):
+    """The stage-1 loss for either variant: VQ-VAE (recon + quantizer) or VQGAN (+ perceptual + GAN)."""
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        self.is_gan = config.variant == "vqgan"
+        self.perceptual = (
+            build_perceptual(config.perceptual_backend)
+            if self.is_gan and config.modality == "image" and config.perceptual_weight > 0
+            else None
+        )
+        self.discriminator = build_discriminator(config) if self.is_gan else None
+
+    def reconstruction_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """VQ-VAE: MSE (images) or byte cross-entropy (text); VQGAN: L1 (+ L2) (images) or cross-entropy (text)."""
+        if self.config.modality == "text":
+            return F.cross_entropy(reconstruction.float(), target, ignore_index=-100)
+        reconstruction = reconstruction.float()
+        if not self.is_gan:
+            return F.mse_loss(reconstruction, target)
+        loss = self.config.l1_weight * (reconstruction - target).abs().mean()
+        if self.config.l2_weight > 0:
+            loss = loss + self.config.l2_weight * F.mse_loss(reconstruction, target)
+        return loss
+
+    def gan_active(self, step: int) -> bool:
+        """Whether the adversarial terms are switched on at this step (`disc_start`)."""
+        return self.is_gan and step >= self.config.disc_start
+
+    def generator_loss(
+        self, reconstruction: torch.Tensor, target: torch.Tensor, quantizer_loss: torch.Tensor,
+        step: int, last_layer: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total autoencoder loss and its parts (tensors; the caller decides when to sync them)."""
+        rec = self.reconstruction_loss(reconstruction, target)
+        logs = {"rec_loss": rec.detach(), "quantizer_loss": quantizer_loss.detach()}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(reconstruction, target)
+            logs["perceptual_loss"] = perceptual.detach()
+            rec = rec + self.config.perceptual_weight * perceptual
+        total = rec + quantizer_loss
+        if self.gan_active(step):
+            logits_fake, fake_features = self.discriminator(reconstruction, return_features=True)
+            gan = -logits_fake.float().mean()
+            adaptive = adaptive_gan_weight(rec, gan, last_layer, self.config.adaptive_weight_max)
+            total = total + self.config.disc_weight * adaptive * gan
+            logs.update(gan_loss=gan.detach(), adaptive_weight=adaptive)
+            if self.config.feature_matching_weight > 0:
+                with torch.no_grad():
+                    _, real_features = self.discriminator(target, return_features=True)
+                matching = sum(F.l1_loss(f.float(), r.float()) for f, r in zip(fake_features, real_features))
+                total = total + self.config.feature_matching_weight * matching
+                logs["feature_matching_loss"] = matching.detach()
+        return total, logs
+
+    def discriminator_loss(
+        self, reconstruction: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """Hinge loss on detached reconstructions vs real inputs (through `discriminator`, e.g. DDP-wrapped)."""
+        discriminator = discriminator or self.discriminator
+        logits_real = discriminator(target).float()
+        logits_fake = discriminator(reconstruction.detach()).float()
+        loss = hinge_discriminator_loss(logits_real, logits_fake)
+        return loss, {
+            "disc_loss": loss.detach(),
+            "logits_real": logits_real.mean().detach(),
+            "logits_fake": logits_fake.mean().detach(),
+        }
+

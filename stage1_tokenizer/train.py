@@ -1,0 +1,276 @@
+"""Train a VQ-VAE or VQGAN tokenizer: `accelerate launch -m stage1_tokenizer.train --dataset digits ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from .configuration import TOKENIZER_PRESETS, VARIANTS, VQConfig
+from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, TextWindowDataset, load_split
+from .losses import TokenizerObjective
+from .modeling import VQModel
+from .train_utils import (
+    CheckpointError, MetricsLogger, NonFiniteGuard, mixed_precision_mode, resume_checkpoint, save_checkpoint,
+    save_pretrained_atomic, tune_allocator,
+)
+
+
+def build_config(args, in_channels: int | None, class_names: list[str] | None) -> VQConfig:
+    """VQConfig from --config FILE or --preset, with the command line's overrides."""
+    overrides = {"variant": args.variant, "modality": args.modality, "class_names": class_names}
+    if in_channels is not None:
+        overrides["in_channels"] = in_channels
+    for field in ("perceptual_backend", "disc_start", "ema_decay", "codebook_size", "resolution"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    if args.config:
+        fields = json.loads(Path(args.config).read_text())
+        fields.update(overrides)
+        return VQConfig(**fields)
+    return VQConfig.from_preset(args.preset, **overrides)
+
+
+def build_datasets(args, config_probe: VQConfig):
+    """Training and evaluation datasets for the modality."""
+    train_split = load_split(args.dataset, "train", args.modality)
+    eval_split = load_split(args.dataset, "eval", args.modality)
+    if args.modality == "image":
+        make = lambda split: ImageDataset(split, config_probe.resolution, config_probe.in_channels, args.skip_corrupt)
+    else:
+        make = lambda split: TextWindowDataset(split, config_probe.seq_len)
+    return train_split, make(train_split), make(eval_split)
+
+
+def infer_channels(split) -> int:
+    """1 for grey data sets, 3 for colour ones (from the first record)."""
+    from .data import decode_image
+
+    return 1 if decode_image(split.records[0][split.column], 0).mode in ("L", "1", "I", "I;16", "F") else 3
+
+
+@torch.no_grad()
+def save_reconstructions(model: VQModel, batch: torch.Tensor, path: Path) -> None:
+    """Originals (top rows) over reconstructions (bottom rows) as one PNG grid, or a text file for text."""
+    model.eval()
+    out = model(batch).reconstruction.float()
+    model.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if model.config.modality == "image":
+        grid = make_grid(torch.cat([batch.cpu(), out.clamp(-1, 1).cpu()]), nrow=batch.shape[0], value_range=(-1, 1), normalize=True)
+        save_image(grid, path)
+    else:
+        from .modeling_text import bytes_to_strings
+
+        pairs = zip(bytes_to_strings(batch.cpu()), bytes_to_strings(out.argmax(1).cpu()))
+        path.with_suffix(".txt").write_text("".join(f"REAL: {a!r}\nRECON: {b!r}\n\n" for a, b in pairs))
+
+
+def hflip(images: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+    """Flip half the batch left-right, chosen by (seed, step) so a resumed run flips the same images."""
+    flip = torch.rand(images.shape[0], generator=torch.Generator().manual_seed(seed * 7919 + step)) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+
+
+def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, batch, step, guard) -> dict | None:
+    """One autoencoder update and, once the GAN is on, one discriminator update. None when skipped."""
+    ae_opt, disc_opt = optimizers
+    unwrapped = accelerator.unwrap_model(model)
+    with accelerator.autocast():
+        out = model(batch)
+        # The generator pass uses the unwrapped, frozen discriminator: no DDP hooks, no wasted D grads.
+        if objective.discriminator is not None:
+            objective.discriminator.requires_grad_(False)
+        loss, logs = objective.generator_loss(out.reconstruction, batch, out.quantizer_loss, step, unwrapped.last_layer)
+    if not guard.check(loss):
+        return None
+    ae_opt.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
+    ae_opt.step()
+    logs.update(loss=loss.detach(), batch_perplexity=out.batch_perplexity.detach(), **out.usage)
+    if objective.gan_active(step):
+        objective.discriminator.requires_grad_(True)
+        with accelerator.autocast():
+            d_loss, d_logs = objective.discriminator_loss(out.reconstruction.detach(), batch, wrapped_disc)
+        if guard.check(d_loss):
+            disc_opt.zero_grad(set_to_none=True)
+            accelerator.backward(d_loss)
+            accelerator.clip_grad_norm_(objective.discriminator.parameters(), args.grad_clip)
+            disc_opt.step()
+            logs.update(d_logs)
+    return logs
+
+
+def main(args: argparse.Namespace) -> None:
+    tune_allocator()
+    accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    train_split = load_split(args.dataset, "train", args.modality)
+    in_channels = infer_channels(train_split) if args.modality == "image" else None
+    config = build_config(args, in_channels, train_split.class_names)
+    _, train_set, eval_set = build_datasets(args, config)
+    defaults = TOKENIZER_PRESETS[args.preset]["train"]
+    batch_size = args.batch_size or defaults["batch_size"]
+    learning_rate = args.learning_rate or defaults["learning_rate"]
+
+    model = VQModel(config)
+    objective = TokenizerObjective(config).to(accelerator.device)
+    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.5, 0.9))
+    disc = objective.discriminator
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_learning_rate or defaults["disc_learning_rate"],
+                                betas=(0.5, 0.9)) if disc is not None else None
+    if disc is not None:
+        model, ae_opt, wrapped_disc, disc_opt = accelerator.prepare(model, ae_opt, disc, disc_opt)
+    else:
+        model, ae_opt = accelerator.prepare(model, ae_opt)
+        wrapped_disc = None
+
+    step = 0
+    checkpoint_dir = output_dir / "checkpoints"
+    logger = MetricsLogger(output_dir, accelerator.is_main_process)
+    if args.resume:
+        step, _ = resume_checkpoint(accelerator, checkpoint_dir)
+        logger.truncate_after(step)
+        accelerator.print(f"resumed from step {step}")
+    elif accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        logger.path.unlink(missing_ok=True)
+
+    sampler = StepBatchSampler(len(train_set), batch_size, args.seed, step,
+                               accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
+    fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
+    guard = NonFiniteGuard(args.max_nonfinite)
+    log_every = args.log_every or defaults["log_every"]
+    checkpoint_every = args.checkpoint_every or defaults["checkpoint_every"]
+    sample_every = args.sample_every or defaults["sample_every"]
+    unwrapped = accelerator.unwrap_model(model)
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+                    desc=f"{config.variant} tokenizer", dynamic_ncols=True)
+    tick, data_iter = time.time(), iter(loader)
+    while step < args.max_steps:
+        images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
+        if args.hflip and config.modality == "image":
+            images = hflip(images, step, args.seed)
+        logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)
+        step += 1
+        progress.update(1)
+        if guard.exhausted:
+            save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+            accelerator.print(f"error: {guard.in_a_row} non-finite losses in a row at step {step}; "
+                              f"stopped and saved a checkpoint (lower the learning rate or check the data)")
+            sys.exit(1)
+        if logs is not None and (step % log_every == 0 or step == args.max_steps):
+            row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
+                                    "nonfinite_skipped": guard.total})
+            progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")
+            tick = time.time()
+        if step % sample_every == 0 and accelerator.is_main_process:
+            save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
+        if step % checkpoint_every == 0 and step < args.max_steps:
+            save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+    progress.close()
+    save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+    if accelerator.is_main_process:
+        save_pretrained_atomic(unwrapped, output_dir)
+        save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
+        summary = evaluate_reconstruction(unwrapped, eval_set, accelerator.device)
+        (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
+        accelerator.print(json.dumps(summary))
+    logger.close()
+    accelerator.end_training()
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: VQModel, dataset, device, batch_size: int = 256) -> dict:
+    """Codebook usage/perplexity and PSNR (images) or byte accuracy (text) over the evaluation split."""
+    from .quantizer import usage_from_counts
+
+    model.eval()
+    counts = torch.zeros(model.config.codebook_size)
+    squared_error, correct, total = 0.0, 0, 0
+    psnrs = []
+    for start in range(0, len(dataset), batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+        codes = model.encode(batch)
+        counts += torch.bincount(codes.flatten().cpu(), minlength=model.config.codebook_size).float()
+        out = model.decode(codes).float()
+        if model.config.modality == "image":
+            mse = (out - batch).pow(2).flatten(1).mean(1)  # per image, on the [-1, 1] scale
+            psnrs.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))
+            squared_error += float(mse.sum())
+        else:
+            correct += int((out.argmax(1) == batch).sum())
+        total += batch.shape[0]
+    stats = usage_from_counts(counts)
+    result = {"num_examples": total, "test_codebook_usage": stats["codebook_usage"], "test_perplexity": stats["perplexity"]}
+    if model.config.modality == "image":
+        result.update(test_mse=squared_error / total, test_psnr=float(torch.cat(psnrs).mean()))
+    else:
+        result["test_byte_accuracy"] = correct / (total * model.config.seq_len)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", default="digits", help=f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}")
+    parser.add_argument("--modality", choices=("image", "text"), default="image")
+    parser.add_argument("--variant", choices=VARIANTS, default="vqgan")
+    parser.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default="tiny")
+    parser.add_argument("--config", help="VQConfig fields as JSON (overrides the preset's model fields)")
+    parser.add_argument("--max-steps", type=int, required=True)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--disc-learning-rate", type=float)
+    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--perceptual", dest="perceptual_backend", choices=("lpips", "random-vgg", "none"))
+    parser.add_argument("--disc-start", type=int)
+    parser.add_argument("--ema-decay", type=float, help="use an EMA codebook with this decay (e.g. 0.99)")
+    parser.add_argument("--codebook-size", type=int)
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off by default)")
+    parser.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable records")
+    parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--log-every", type=int)
+    parser.add_argument("--sample-every", type=int)
+    parser.add_argument("--checkpoint-every", type=int)
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    args = parser.parse_args(argv)
+    for name in ("max_steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: argument errors and bad input end in a one-line message and exit status 2."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except (DataError, ValueError, FileNotFoundError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
