@@ -21,6 +21,7 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         model=dict(
             base_channels=16, channel_mult=(1, 2), num_res_blocks=1, resolution=16, seq_len=32,
             codebook_size=64, codebook_dim=8, disc_channels=16, disc_layers=2, disc_start=0,
+            perceptual_depth=2, dead_code_threshold=1.0, usage_window=20,
         ),
         train=dict(batch_size=16, learning_rate=2e-4, disc_learning_rate=2e-4, log_every=5,
                    sample_every=50, checkpoint_every=50),
@@ -30,6 +31,8 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         model=dict(
             base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, resolution=32, seq_len=64,
             codebook_size=512, codebook_dim=8, disc_channels=32, disc_layers=2, disc_start=1000,
+            kmeans_init=True, dead_code_threshold=1.0,
+            perceptual_depth=3,  # relu1_2..relu3_3: deeper VGG taps see 4x4 and 2x2 maps at 32x32
         ),
         train=dict(batch_size=64, learning_rate=4e-4, disc_learning_rate=4e-4, log_every=25,
                    sample_every=500, checkpoint_every=500),
@@ -39,6 +42,7 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         model=dict(
             base_channels=128, channel_mult=(1, 1, 2, 2), num_res_blocks=2, resolution=64, seq_len=256,
             codebook_size=1024, codebook_dim=8, disc_channels=64, disc_layers=3, disc_start=10000,
+            kmeans_init=True, dead_code_threshold=1.0,
         ),
         train=dict(batch_size=32, learning_rate=2e-4, disc_learning_rate=2e-4, log_every=50,
                    sample_every=2000, checkpoint_every=2000),
@@ -97,6 +101,7 @@ class VQConfig(PretrainedConfig):
         l2_weight: float = 0.0,
         perceptual_weight: float = 1.0,
         perceptual_backend: str = "random-vgg",
+        perceptual_depth: int = 5,
         disc_weight: float = 0.5,
         disc_start: int = 1000,
         disc_channels: int = 32,
@@ -131,6 +136,7 @@ class VQConfig(PretrainedConfig):
         self.l2_weight = l2_weight
         self.perceptual_weight = perceptual_weight
         self.perceptual_backend = perceptual_backend
+        self.perceptual_depth = perceptual_depth
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.disc_channels = disc_channels
@@ -198,6 +204,8 @@ class VQConfig(PretrainedConfig):
         for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "feature_matching_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if self.perceptual_depth not in range(1, 6):
+            raise ValueError(f"perceptual_depth={self.perceptual_depth!r} must be 1..5 (VGG16 blocks before a tap)")
         if self.disc_start < 0:
             raise ValueError(f"disc_start={self.disc_start!r} must be >= 0")
         if self.adaptive_weight_max <= 0:

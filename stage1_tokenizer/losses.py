@@ -23,13 +23,14 @@ def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 class RandomVGGPerceptualLoss(nn.Module):
     """LPIPS-shaped distance through a fixed, seeded, randomly initialised VGG16 (Liu et al., CVPR 2021)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, depth: int = 5, seed: int = 0):
         super().__init__()
         from torchvision.models import vgg16
 
+        self.taps = VGG_TAPS[:depth]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            features = vgg16(weights=None).features[: VGG_TAPS[-1] + 1]
+            features = vgg16(weights=None).features[: self.taps[-1] + 1]
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("shift", _SHIFT.clone(), persistent=False)
         self.register_buffer("scale", _SCALE.clone(), persistent=False)
@@ -46,7 +47,7 @@ class RandomVGGPerceptualLoss(nn.Module):
         total = h.new_zeros(())
         for index, layer in enumerate(self.features):
             h = layer(h)
-            if index in VGG_TAPS:
+            if index in self.taps:
                 fx, fy = h.chunk(2)
                 total = total + (_unit_channels(fx.float()) - _unit_channels(fy.float())).pow(2).sum(1).mean()
         return total
@@ -78,12 +79,12 @@ class LPIPSLoss(nn.Module):
         return self.lpips(x, y).mean()
 
 
-def build_perceptual(backend: str) -> nn.Module | None:
-    """The perceptual loss module named by `backend`, or None for 'none'."""
+def build_perceptual(backend: str, depth: int = 5) -> nn.Module | None:
+    """The perceptual loss module named by `backend` (random-vgg: `depth` VGG blocks), or None for 'none'."""
     if backend == "lpips":
         return LPIPSLoss()
     if backend == "random-vgg":
-        return RandomVGGPerceptualLoss()
+        return RandomVGGPerceptualLoss(depth)
     if backend == "none":
         return None
     raise ValueError(f"perceptual_backend={backend!r}; expected 'lpips', 'random-vgg' or 'none'")
@@ -112,7 +113,7 @@ class TokenizerObjective(nn.Module):
         self.config = config
         self.is_gan = config.variant == "vqgan"
         self.perceptual = (
-            build_perceptual(config.perceptual_backend)
+            build_perceptual(config.perceptual_backend, config.perceptual_depth)
             if self.is_gan and config.modality == "image" and config.perceptual_weight > 0
             else None
         )
