@@ -1,0 +1,5 @@
+"""Inference pipelines, evaluation and the `vqgen` command line."""
+
+from .pipeline import VQPipeline, VQPipelineOutput
+
+__all__ = ["VQPipeline", "VQPipelineOutput"]

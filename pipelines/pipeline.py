@@ -1,0 +1,329 @@
+"""VQPipeline: sample codes from the prior and decode them with the tokenizer (inference only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import LlamaForCausalLM, PreTrainedModel
+
+from stage1_tokenizer.modeling import VQModel
+from stage2_prior.modeling import TokenLayout
+from stage2_prior.sampling import sample_codes
+
+PIPELINE_CONFIG = "pipeline_config.json"
+SAMPLE_GRID = "sample_grid.png"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+OUTPUT_TYPES = ("pil", "pt", "np")
+
+
+@dataclass
+class VQPipelineOutput:
+    """What `VQPipeline.generate` returns."""
+
+    codes: torch.Tensor  # (N, h, w) or (N, n)
+    images: list[Image.Image] | torch.Tensor | np.ndarray | None = None
+    texts: list[str] | None = None
+    class_labels: list[int] | None = None
+
+    def grid(self, nrow: int | None = None) -> Image.Image:
+        """All images in one PIL grid (`nrow` per row; default: about square)."""
+        from torchvision.utils import make_grid
+
+        if self.images is None:
+            raise ValueError("grid() needs an image pipeline's output")
+        tensor = _as_tensor(self.images)
+        nrow = nrow or max(1, int(np.ceil(np.sqrt(len(tensor)))))
+        grid = make_grid(tensor, nrow=nrow, padding=2, pad_value=1.0)  # (C, H, W) in [0, 1]
+        return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+    def save(self, path: str | Path, nrow: int | None = None) -> Path:
+        """Write a PNG grid (images) or a UTF-8 text file (texts, one sample per block)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.images is not None:
+            self.grid(nrow).save(path)
+            return path
+        path = path.with_suffix(".txt")
+        labels = self.class_labels or [None] * len(self.texts)
+        path.write_text("".join(f"[{'sample' if l is None else f'class {l}'}] {t}\n\n" for t, l in zip(self.texts, labels)),
+                        encoding="utf-8")
+        return path
+
+
+def _as_tensor(images) -> torch.Tensor:
+    """PIL list / (N, C, H, W) tensor / (N, H, W, C) array -> (N, C, H, W) float tensor in [0, 1]."""
+    if isinstance(images, torch.Tensor):
+        return images.float()
+    if isinstance(images, np.ndarray):
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+
+
+def _check_weights(folder: Path, what: str) -> None:
+    """Refuse folders whose weights are missing or pickle-only; never unpickle anything."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} is missing")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
+    if not (folder / "model.safetensors").is_file():
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise ValueError(
+                f"{what} folder {folder} holds only pickle weights {pickles}; vqgen loads safetensors only "
+                "(pickles can run code). Convert them with safetensors.torch.save_file in a trusted environment."
+            )
+        raise FileNotFoundError(f"{what} folder {folder} has no model.safetensors")
+
+
+def _load_model(cls, folder: Path, what: str):
+    _check_weights(folder, what)
+    try:
+        return cls.from_pretrained(str(folder), use_safetensors=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{what} weights in {folder} could not be loaded ({type(error).__name__}: {error}); "
+                         "the file may be truncated or corrupt") from error
+
+
+class VQPipeline:
+    """Tokenizer + prior: `generate()` samples code grids and decodes them into images or texts."""
+
+    def __init__(self, tokenizer: VQModel, prior: PreTrainedModel, layout: TokenLayout | None = None,
+                 class_names: list[str] | None = None, metadata: dict[str, Any] | None = None):
+        if layout is None:
+            num_codes = int(np.prod(tokenizer.config.latent_shape))
+            layout = TokenLayout(tokenizer.config.codebook_size, len(class_names or []), num_codes)
+        if layout.codebook_size != tokenizer.config.codebook_size:
+            raise ValueError(f"token layout has codebook_size={layout.codebook_size} but the tokenizer's codebook "
+                             f"has {tokenizer.config.codebook_size} codes")
+        if layout.num_codes != int(np.prod(tokenizer.config.latent_shape)):
+            raise ValueError(f"token layout has num_codes={layout.num_codes} but the tokenizer makes "
+                             f"{int(np.prod(tokenizer.config.latent_shape))} codes per sample")
+        if prior.config.vocab_size != layout.vocab_size:
+            raise ValueError(
+                f"prior vocabulary ({prior.config.vocab_size} tokens) does not match the tokenizer: codebook of "
+                f"{layout.codebook_size} + {layout.num_classes} classes + null + bos = {layout.vocab_size}"
+            )
+        if class_names is not None and len(class_names) != layout.num_classes:
+            raise ValueError(f"{len(class_names)} class names for a layout with {layout.num_classes} classes")
+        self.tokenizer = tokenizer
+        self.prior = prior
+        self.layout = layout
+        self.class_names = class_names
+        self.metadata = dict(metadata or {})
+
+    @property
+    def modality(self) -> str:
+        return self.tokenizer.config.modality
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+    def to(self, device: str | torch.device) -> "VQPipeline":
+        """Move both models to `device`."""
+        self.tokenizer.to(device)
+        self.prior.to(device)
+        return self
+
+    # ----------------------------------------------------------------- generation
+    def _check_generate_args(self, num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
+                             batch_size, output_type) -> list[int] | None:
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} must be > 0")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be None or an integer >= 1")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; expected one of {list(OUTPUT_TYPES)}")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0")
+        if not self.layout.conditional:
+            if class_labels is not None:
+                raise ValueError("class_labels were given but this prior is unconditional")
+            if guidance_scale != 1.0:
+                raise ValueError(f"guidance_scale={guidance_scale} needs a class-conditional prior; "
+                                 "this one is unconditional (use 1.0)")
+            return None
+        if class_labels is None:
+            return None
+        if isinstance(class_labels, int):
+            class_labels = [class_labels] * num_samples
+        labels = [int(c) for c in class_labels]
+        if len(labels) != num_samples:
+            raise ValueError(f"class_labels has {len(labels)} entries but num_samples={num_samples}")
+        bad = [c for c in labels if not 0 <= c < self.layout.num_classes]
+        if bad:
+            raise ValueError(f"class_labels {bad} out of range: this prior knows classes 0..{self.layout.num_classes - 1}")
+        return labels
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_samples: int = 16,
+        class_labels: list[int] | int | None = None,
+        guidance_scale: float = 1.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        output_type: str = "pil",
+        use_cache: bool = True,
+    ) -> VQPipelineOutput:
+        """Sample `num_samples` code grids from the prior and decode them.
+
+        class_labels: one label per sample (or one int for all); None samples the null class
+        (unconditional) on a conditional prior. guidance_scale: classifier-free guidance
+        strength (1.0 = off). seed: equal seeds give equal samples.
+        """
+        labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
+                                           batch_size, output_type)
+        generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        self.prior.eval()
+        self.tokenizer.eval()
+        batch_size = batch_size or num_samples
+        codes = []
+        for start in range(0, num_samples, batch_size):
+            count = min(batch_size, num_samples - start)
+            if self.layout.conditional:
+                chunk = torch.tensor(labels[start : start + count]) if labels is not None else torch.full((count,), -1)
+            else:
+                chunk = None
+            codes.append(sample_codes(self.prior, self.layout, count, chunk, guidance_scale, temperature, top_k,
+                                      top_p, generator, use_cache=use_cache))
+        codes = torch.cat(codes).view(num_samples, *self.tokenizer.config.latent_shape)
+        output = VQPipelineOutput(codes=codes.cpu(), class_labels=labels)
+        decoded = [self.tokenizer.decode(codes[i : i + batch_size]) for i in range(0, num_samples, batch_size)]
+        if self.modality == "text":
+            output.texts = [t for chunk in decoded for t in _bytes_to_texts(chunk)]
+            return output
+        images = (torch.cat(decoded).float().cpu() + 1) / 2  # (N, C, H, W) in [0, 1]
+        if output_type == "pt":
+            output.images = images
+        elif output_type == "np":
+            output.images = images.permute(0, 2, 3, 1).numpy()
+        else:
+            arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            output.images = [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
+        return output
+
+    # ----------------------------------------------------------------- persistence
+    def config_dict(self) -> dict:
+        """Contents of pipeline_config.json."""
+        import importlib.metadata
+
+        versions = {}
+        for package in ("vqgen", "torch", "transformers", "accelerate", "safetensors", "huggingface_hub"):
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                versions[package] = None
+        return {
+            "_class_name": "VQPipeline",
+            "modality": self.modality,
+            "tokenizer_variant": self.tokenizer.config.variant,
+            "class_conditional": self.layout.conditional,
+            "class_names": self.class_names,
+            "token_layout": self.layout.to_dict(),
+            "latent_shape": list(self.tokenizer.config.latent_shape),
+            "metadata": self.metadata,
+            "library_versions": versions,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, sample_grid: Image.Image | None = None) -> Path:
+        """Write pipeline_config.json, tokenizer/, prior/, a sample grid and the README.md model card."""
+        from .model_card import write_model_card
+
+        root = Path(save_directory)
+        root.mkdir(parents=True, exist_ok=True)
+        for name, model in (("tokenizer", self.tokenizer), ("prior", self.prior)):
+            staging = root / f".tmp-{name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            model.save_pretrained(str(staging), safe_serialization=True)
+            shutil.rmtree(root / name, ignore_errors=True)
+            os.replace(staging, root / name)
+        (root / PIPELINE_CONFIG).write_text(json.dumps(self.config_dict(), indent=2))
+        if sample_grid is None and self.modality == "image":
+            labels = self.class_grid_labels(8)
+            out = self.generate(num_samples=len(labels) if labels else 16, class_labels=labels, seed=0)
+            sample_grid = out.grid(nrow=8 if labels else None)
+        if sample_grid is not None:
+            sample_grid.save(root / SAMPLE_GRID)
+        write_model_card(self, root)
+        return root
+
+    def class_grid_labels(self, per_class: int = 8) -> list[int] | None:
+        """Labels for a grid with one row of `per_class` samples per class (None when unconditional)."""
+        if not self.layout.conditional:
+            return None
+        return [c for c in range(self.layout.num_classes) for _ in range(per_class)]
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | None = None,
+                        device: str | torch.device | None = None) -> "VQPipeline":
+        """Load from a local folder or a Hub repo id (downloaded with huggingface_hub.snapshot_download)."""
+        root = Path(path_or_repo_id)
+        if not root.is_dir():
+            root = _download(str(path_or_repo_id), revision, token, cache_dir)
+        config_path = root / PIPELINE_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{root} has no {PIPELINE_CONFIG}; is it a vqgen pipeline folder?")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        tokenizer = _load_model(VQModel, root / "tokenizer", "tokenizer")
+        prior = _load_model(LlamaForCausalLM, root / "prior", "prior")
+        layout = TokenLayout.from_dict(config["token_layout"])
+        pipeline = cls(tokenizer, prior, layout=layout, class_names=config.get("class_names"),
+                       metadata=config.get("metadata"))
+        if device is not None:
+            pipeline.to(device)
+        return pipeline
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    commit_message: str = "Upload vqgen pipeline", revision: str | None = None) -> str:
+        """Save to a temporary folder and upload it to the Hub (create_repo + upload_folder); returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
+                                     revision=revision, repo_type="model")
+        return str(info)
+
+
+def _bytes_to_texts(logits: torch.Tensor) -> list[str]:
+    from stage1_tokenizer.modeling_text import bytes_to_strings
+
+    return bytes_to_strings(logits.argmax(dim=1).cpu())
+
+
+def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: str | None) -> Path:
+    """snapshot_download of the files a pipeline needs (never pickles)."""
+    from huggingface_hub import snapshot_download
+
+    if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
+        raise FileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
+    path = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                             allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"])
+    return Path(path)

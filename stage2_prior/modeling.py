@@ -1,0 +1,109 @@
+"""The stage-2 prior: a Llama-style causal LM over [codes] + [class tokens] + [null class] + [bos]."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+# Named size presets (hidden size, depth, heads, MLP width); they also feed the command line's choices.
+PRIOR_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(model=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+                 train=dict(batch_size=32, learning_rate=1e-3, warmup_steps=10, log_every=5,
+                            eval_every=50, sample_every=100, checkpoint_every=50)),
+    "small": dict(model=dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=768),
+                  train=dict(batch_size=64, learning_rate=6e-4, warmup_steps=100, log_every=25,
+                             eval_every=500, sample_every=1000, checkpoint_every=500)),
+    "base": dict(model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048),
+                 train=dict(batch_size=64, learning_rate=3e-4, warmup_steps=1000, log_every=50,
+                            eval_every=2000, sample_every=5000, checkpoint_every=2000)),
+}
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where each kind of token lives in the prior's vocabulary."""
+
+    codebook_size: int
+    num_classes: int  # 0 for an unconditional prior
+    num_codes: int  # sequence length after the conditioning token (h*w or n)
+
+    @property
+    def class_offset(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_token(self) -> int:
+        """The "no class" token: label dropout target and the unconditional row of CFG."""
+        return self.codebook_size + self.num_classes
+
+    @property
+    def bos_token(self) -> int:
+        return self.codebook_size + self.num_classes + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.codebook_size + self.num_classes + 2
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def condition_tokens(self, class_labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """First token of each sequence: class token (label >= 0), null (label -1), or bos (unconditional)."""
+        if not self.conditional:
+            return torch.full((batch_size,), self.bos_token, dtype=torch.long)
+        assert class_labels is not None and class_labels.shape == (batch_size,)
+        labels = class_labels.long()
+        return torch.where(labels >= 0, labels + self.class_offset, torch.full_like(labels, self.null_token))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "class_offset": self.class_offset, "null_token": self.null_token,
+                "bos_token": self.bos_token, "vocab_size": self.vocab_size}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TokenLayout":
+        layout = cls(int(data["codebook_size"]), int(data["num_classes"]), int(data["num_codes"]))
+        for key in ("null_token", "bos_token", "vocab_size"):
+            if key in data and int(data[key]) != getattr(layout, key):
+                raise ValueError(f"token_layout.{key}={data[key]} disagrees with the layout it implies ({getattr(layout, key)})")
+        return layout
+
+
+def build_prior(preset: str, layout: TokenLayout, **overrides) -> LlamaForCausalLM:
+    """A freshly initialised Llama-style prior sized by `preset` for this token layout."""
+    if preset not in PRIOR_PRESETS:
+        raise ValueError(f"preset={preset!r} is unknown; expected one of {list(PRIOR_PRESETS)}")
+    fields = dict(PRIOR_PRESETS[preset]["model"])
+    fields.update(overrides)
+    config = LlamaConfig(
+        vocab_size=layout.vocab_size,
+        max_position_embeddings=layout.num_codes + 1,
+        num_key_value_heads=fields["num_attention_heads"],
+        tie_word_embeddings=False,
+        bos_token_id=layout.bos_token,
+        eos_token_id=None,
+        pad_token_id=None,
+        **fields,
+    )
+    return LlamaForCausalLM(config)
+
+
+_CACHE_KWARG: str | None = None
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """Name of the KV-cache argument of the model's forward ('cache' in transformers >= 5.x, else 'past_key_values')."""
+    global _CACHE_KWARG
+    if _CACHE_KWARG is None:
+        params = inspect.signature(type(model).forward).parameters
+        _CACHE_KWARG = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG
+
+
+def output_cache(outputs) -> Any:
+    """The KV cache a forward returned, under whichever name this transformers version uses."""
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]

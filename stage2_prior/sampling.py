@@ -1,0 +1,76 @@
+"""Autoregressive sampling of code grids from the prior: KV cache, batched CFG, temperature / top-k / top-p."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from .modeling import TokenLayout, cache_kwarg, output_cache
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf: (B, V) -> (B, V)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _forward(prior: PreTrainedModel, input_ids: torch.Tensor, cache, use_cache: bool):
+    kwargs = {cache_kwarg(prior): cache} if use_cache else {}
+    outputs = prior(input_ids=input_ids, use_cache=use_cache, **kwargs)
+    return outputs.logits[:, -1].float(), (output_cache(outputs) if use_cache else None)
+
+
+@torch.no_grad()
+def sample_codes(
+    prior: PreTrainedModel,
+    layout: TokenLayout,
+    num_samples: int,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Draw (num_samples, num_codes) code indices; only code tokens (0..K-1) can ever be drawn.
+
+    With classifier-free guidance (guidance_scale != 1, conditional prior) the conditional and
+    unconditional rows run in one batched forward per step: logits = u + s * (c - u).
+    `temperature=0` means greedy decoding. Random draws use `generator` (on the CPU), so equal
+    seeds give equal codes on any device.
+    """
+    device = next(prior.parameters()).device
+    condition = layout.condition_tokens(class_labels, num_samples).to(device)  # (B,)
+    guided = layout.conditional and guidance_scale != 1.0
+    if guided:
+        condition = torch.cat([condition, torch.full_like(condition, layout.null_token)])  # (2B,)
+    sequence = condition.unsqueeze(1)  # (B or 2B, 1)
+    codes = torch.empty(num_samples, layout.num_codes, dtype=torch.long, device=device)
+    cache = None
+    step_input = sequence
+    for position in range(layout.num_codes):
+        logits, cache = _forward(prior, step_input if use_cache else sequence, cache, use_cache)
+        logits = logits[:, : layout.codebook_size]  # only code tokens are candidates
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + guidance_scale * (cond - uncond)
+        if temperature == 0:
+            token = logits.argmax(dim=-1)
+        else:
+            logits = filter_logits(logits / temperature, top_k, top_p)
+            probs = logits.softmax(dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+        codes[:, position] = token
+        step_input = (torch.cat([token, token]) if guided else token).unsqueeze(1)
+        sequence = torch.cat([sequence, step_input], dim=1)
+    return codes

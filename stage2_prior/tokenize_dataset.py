@@ -1,0 +1,79 @@
+"""Encode a data set once with a trained tokenizer into a cached `datasets.Dataset` of code sequences."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import os
+from pathlib import Path
+
+import datasets
+import torch
+
+from stage1_tokenizer.data import ImageDataset, TextWindowDataset, load_split
+from stage1_tokenizer.modeling import VQModel
+
+DEFAULT_CACHE = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "codes"
+
+
+def tokenizer_fingerprint(tokenizer: VQModel) -> str:
+    """sha256 over the tokenizer's config and every tensor of its state dict."""
+    hasher = hashlib.sha256(tokenizer.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        hasher.update(name.encode())
+        hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def source_dataset(tokenizer: VQModel, dataset: str, split: str, labelled_text_records: bool = True):
+    """The stage-1 dataset a split is encoded from (images, or text windows / per-record text)."""
+    config = tokenizer.config
+    data = load_split(dataset, split, config.modality)
+    if config.modality == "image":
+        return data, ImageDataset(data, config.resolution, config.in_channels)
+    # Labelled text is encoded one record per sequence, so each sequence keeps its label.
+    mode = "records" if (data.class_names is not None and labelled_text_records) or split == "eval" else "windows"
+    return data, TextWindowDataset(data, config.seq_len, mode)
+
+
+def build_code_cache(
+    tokenizer: VQModel,
+    dataset: str,
+    split: str,
+    cache_dir: Path | None = None,
+    batch_size: int = 256,
+) -> tuple[datasets.Dataset, list[str] | None, bool]:
+    """Codes for every record of a split: returns (Dataset with 'codes' and 'label', class names, cache_hit)."""
+    data, source = source_dataset(tokenizer, dataset, split)
+    key = f"{data.fingerprint}-{tokenizer_fingerprint(tokenizer)}"
+    path = Path(cache_dir or DEFAULT_CACHE) / key.replace("/", "_")
+    if (path / "dataset_info.json").is_file():
+        return datasets.load_from_disk(str(path)), data.class_names, True
+
+    device = tokenizer.quantizer.embedding.weight.device
+    tokenizer.eval()
+
+    def encode_batch(batch: dict) -> dict:
+        items = [source[i] for i in batch["index"]]
+        inputs = torch.stack([item[0] for item in items]).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            codes = tokenizer.encode(inputs).flatten(1)  # (B, h*w) raster order, or (B, n)
+        return {"codes": codes.cpu().tolist(), "label": [int(item[1]) for item in items]}
+
+    indices = datasets.Dataset.from_dict({"index": list(range(len(source)))})
+    encoded = indices.map(
+        encode_batch, batched=True, batch_size=batch_size, remove_columns=["index"],
+        new_fingerprint=key, desc=f"encoding {data.name} ({split})", keep_in_memory=True,
+    )
+    staging = path.with_name(path.name + ".tmp")
+    encoded.save_to_disk(str(staging))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(staging, path)
+    return datasets.load_from_disk(str(path)), data.class_names, False
+
+
+def codes_tensor(encoded: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, num_codes) long codes and (N,) labels (-1 where unlabelled) from a cached split."""
+    columns = encoded.with_format("torch")[:]  # one batch of every row: {'codes': (N, n), 'label': (N,)}
+    return columns["codes"].long(), columns["label"].long()
