@@ -1,0 +1,129 @@
+"""The `vqgen` command line: compare, sample, evaluate, push."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stage1_tokenizer.data import BUILTIN_DATASETS, DataError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from .pipeline import VQPipeline
+
+    pipe = VQPipeline.from_pretrained(args.pipeline, revision=args.revision)
+    labels = args.class_labels
+    if labels is not None and len(labels) == 1:
+        labels = labels * args.num_samples
+    out = pipe.generate(num_samples=args.num_samples, class_labels=labels, guidance_scale=args.guidance_scale,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    path = out.save(args.out)
+    print(f"wrote {path}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .compare import evaluate_pipeline_folder
+
+    metrics = evaluate_pipeline_folder(Path(args.pipeline), dataset=args.dataset, num_samples=args.num_samples,
+                                       seed=args.seed, guidance_scale=args.guidance_scale)
+    out = Path(args.pipeline) / "eval_metrics.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from .pipeline import VQPipeline
+
+    pipe = VQPipeline.from_pretrained(args.pipeline)
+    url = pipe.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    print(f"pushed {args.pipeline} to {args.repo_id}: {url}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from .compare import BUDGETS, run_compare
+
+    if args.budget not in BUDGETS:
+        raise ValueError(f"--budget {args.budget!r}; expected one of {list(BUDGETS)}")
+    run_compare(dataset=args.dataset, modality=args.modality, budget=args.budget, output_dir=Path(args.output_dir),
+                seed=args.seed, class_conditional=args.class_conditional, force=args.force,
+                perceptual_backend=args.perceptual)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree for all subcommands."""
+    from .compare import BUDGETS
+
+    parser = argparse.ArgumentParser(prog="vqgen", description="Two-stage VQ-VAE / VQGAN + GPT-prior toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare", help="train VQ-VAE and VQGAN under one budget and write a comparison report")
+    compare.add_argument("--dataset", help=f"Hub name, local folder, or built-in {BUILTIN_DATASETS} "
+                                           "(default: digits for images, python-docs for text)")
+    compare.add_argument("--modality", choices=("image", "text"), default="image")
+    compare.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
+    cond = compare.add_mutually_exclusive_group()
+    cond.add_argument("--class-conditional", dest="class_conditional", action="store_true", default=None,
+                      help="class-conditional priors (default when the data set has labels)")
+    cond.add_argument("--unconditional", dest="class_conditional", action="store_false")
+    compare.add_argument("--output-dir", default="runs/compare")
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--perceptual", choices=("lpips", "random-vgg", "none"), default="random-vgg",
+                         help="VQGAN perceptual loss backend (lpips needs downloadable VGG16 weights)")
+    compare.add_argument("--force", action="store_true", help="retrain runs already present in --output-dir")
+    compare.set_defaults(func=_compare)
+
+    sample = sub.add_parser("sample", help="sample from a pipeline folder or Hub repo")
+    sample.add_argument("pipeline")
+    sample.add_argument("--num-samples", type=_positive_int, default=16)
+    sample.add_argument("--class-labels", type=int, nargs="+", help="one label for all samples, or one per sample")
+    sample.add_argument("--guidance-scale", type=float, default=1.0)
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int)
+    sample.add_argument("--top-p", type=float)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--revision")
+    sample.add_argument("--out", default="samples.png", help="PNG grid for images (a .txt file for text)")
+    sample.set_defaults(func=_sample)
+
+    evaluate = sub.add_parser("evaluate", help="reconstruction and generation metrics for a pipeline folder")
+    evaluate.add_argument("pipeline")
+    evaluate.add_argument("--dataset", help="data set to compare against (default: the one it was trained on)")
+    evaluate.add_argument("--num-samples", type=_positive_int, default=1000)
+    evaluate.add_argument("--guidance-scale", type=float, default=1.0)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=_evaluate)
+
+    push = sub.add_parser("push", help="upload a pipeline folder to the Hugging Face Hub")
+    push.add_argument("pipeline")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
+    push.set_defaults(func=_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a subcommand; bad input ends in a one-line `error:` message and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

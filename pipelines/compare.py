@@ -1,0 +1,255 @@
+"""`vqgen compare`: train VQ-VAE and VQGAN tokenizers under one budget, a prior on each, and judge the samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from stage1_tokenizer.data import load_split
+
+from . import evaluation as ev
+from .pipeline import VQPipeline
+
+VARIANTS = ("vqvae", "vqgan")
+DEFAULT_DATASETS = {"image": "digits", "text": "python-docs"}
+
+# Everything both variants share; only the objective differs between them.
+BUDGETS: dict[str, dict] = {
+    # Offline on 2 CPU cores in a few minutes (digits: 16x16 -> 8x8 codes).
+    "quick": dict(tokenizer_preset="tiny", tokenizer_steps=600, tokenizer_batch=32, disc_start=200,
+                  prior_preset="tiny", prior_steps=600, num_eval_samples=360, guidance_scale=2.0),
+    # Fashion-MNIST on 2 CPU cores in under an hour (32x32 -> 8x8 codes).
+    "standard": dict(tokenizer_preset="small", tokenizer_steps=1500, tokenizer_batch=64, disc_start=500,
+                     prior_preset="small", prior_steps=1500, num_eval_samples=1000, guidance_scale=2.0),
+}
+
+
+def _run(module: str, arguments: list[str], log_path: Path) -> None:
+    """Run a training script in a child process (fresh memory, its own progress bar); fail loudly."""
+    command = [sys.executable, "-m", module, *arguments]
+    print(f"$ {' '.join(command)}", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        for line in process.stdout:
+            log.write(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        code = process.wait()
+    if code != 0:
+        raise RuntimeError(f"{module} exited with status {code}; its output is in {log_path}")
+
+
+def _reusable(folder: Path, settings: dict, done_file: str) -> bool:
+    stamp = folder / "compare_settings.json"
+    return (folder / done_file).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings
+
+
+def train_variant(variant: str, dataset: str, modality: str, budget: dict, output_dir: Path, seed: int,
+                  class_conditional: bool, perceptual_backend: str, force: bool) -> dict:
+    """Train (or reuse) one tokenizer and its prior; returns wall-clock seconds of each stage."""
+    timings = {}
+    tokenizer_dir = output_dir / "tokenizers" / variant
+    settings = dict(variant=variant, dataset=dataset, modality=modality, seed=seed, perceptual=perceptual_backend,
+                    **{k: budget[k] for k in ("tokenizer_preset", "tokenizer_steps", "tokenizer_batch", "disc_start")})
+    if force or not _reusable(tokenizer_dir, settings, "model.safetensors"):
+        tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        (tokenizer_dir / "compare_settings.json").unlink(missing_ok=True)
+        start = time.time()
+        _run("stage1_tokenizer.train", [
+            "--dataset", dataset, "--modality", modality, "--variant", variant,
+            "--preset", budget["tokenizer_preset"], "--max-steps", str(budget["tokenizer_steps"]),
+            "--batch-size", str(budget["tokenizer_batch"]), "--disc-start", str(budget["disc_start"]),
+            "--perceptual", perceptual_backend, "--seed", str(seed), "--output-dir", str(tokenizer_dir),
+        ], output_dir / f"train_tokenizer_{variant}.log")
+        timings["tokenizer_seconds"] = time.time() - start
+        (tokenizer_dir / "compare_settings.json").write_text(json.dumps(settings))
+    else:
+        print(f"reusing the {variant} tokenizer in {tokenizer_dir} (pass --force to retrain)")
+
+    prior_dir = output_dir / "pipelines" / variant
+    prior_settings = dict(settings, prior_preset=budget["prior_preset"], prior_steps=budget["prior_steps"],
+                          class_conditional=class_conditional,
+                          tokenizer_weights_mtime=(tokenizer_dir / "model.safetensors").stat().st_mtime)
+    if force or "tokenizer_seconds" in timings or not _reusable(prior_dir, prior_settings, "pipeline_config.json"):
+        prior_dir.mkdir(parents=True, exist_ok=True)
+        (prior_dir / "compare_settings.json").unlink(missing_ok=True)
+        start = time.time()
+        _run("stage2_prior.train", [
+            "--tokenizer", str(tokenizer_dir), "--dataset", dataset, "--preset", budget["prior_preset"],
+            "--max-steps", str(budget["prior_steps"]), "--seed", str(seed), "--output-dir", str(prior_dir),
+            *(["--class-conditional"] if class_conditional else []),
+        ], output_dir / f"train_prior_{variant}.log")
+        timings["prior_seconds"] = time.time() - start
+        (prior_dir / "compare_settings.json").write_text(json.dumps(prior_settings))
+    else:
+        print(f"reusing the {variant} prior in {prior_dir} (pass --force to retrain)")
+    return timings
+
+
+def _grid(images: torch.Tensor, nrow: int) -> Image.Image:
+    """(N, C, H, W) in [-1, 1] -> a PIL grid."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    return Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
+def _generate_images(pipe: VQPipeline, labels: list[int] | None, count: int, guidance: float, seed: int,
+                     batch_size: int = 250) -> torch.Tensor:
+    out = pipe.generate(num_samples=count, class_labels=labels, guidance_scale=guidance if labels else 1.0,
+                        seed=seed, batch_size=batch_size, output_type="pt")
+    return out.images * 2 - 1  # back to [-1, 1]
+
+
+def _per_class_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
+    rows = []
+    for c in range(num_classes):
+        chosen = images[labels == c][:per_class]
+        if len(chosen) < per_class:  # pad a short class with blanks so rows stay aligned
+            chosen = torch.cat([chosen, torch.ones(per_class - len(chosen), *images.shape[1:])])
+        rows.append(chosen)
+    return torch.cat(rows)
+
+
+def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, budget: dict, output_dir: Path, seed: int) -> dict:
+    """Reconstruction + generation metrics and figures for image pipelines, with a real-data baseline."""
+    first = next(iter(pipes.values()))
+    config = first.tokenizer.config
+    classifier, classifier_info = ev.load_or_train_classifier(dataset, config.resolution, config.in_channels, seed)
+    count = budget["num_eval_samples"]
+    real_test, test_labels = ev.load_images(dataset, "eval", config.resolution, config.in_channels, max_items=count)
+    real_train, _ = ev.load_images(dataset, "train", config.resolution, config.in_channels, max_items=len(real_test))
+    count = len(real_test)
+    conditional = first.layout.conditional
+    requested = test_labels.tolist() if conditional else None  # same class histogram as the real rows
+    figures = output_dir / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    results = {"classifier": classifier_info, "reconstruction": {}, "generation": {}, "figures": {
+        "samples": {}, "reconstructions": {}}, "notes": []}
+    num_classes = first.layout.num_classes
+    per_class = 8
+    real_grid = _per_class_images(real_test, test_labels, num_classes, per_class) if conditional else real_test[:64]
+    _grid(real_grid, per_class if conditional else 8).save(figures / "samples_real.png")
+    results["figures"]["samples"]["real"] = "figures/samples_real.png"
+    for variant, pipe in pipes.items():
+        print(f"evaluating {variant}: reconstructions")
+        results["reconstruction"][variant] = ev.reconstruction_metrics(pipe.tokenizer, dataset, classifier)
+        originals = real_test[:8]
+        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(originals)).cpu()
+        _grid(torch.cat([originals, recon]), 8).save(figures / f"reconstructions_{variant}.png")
+        results["figures"]["reconstructions"][variant] = f"figures/reconstructions_{variant}.png"
+        print(f"evaluating {variant}: {count} samples")
+        fake = _generate_images(pipe, requested, count, budget["guidance_scale"], seed)
+        results["generation"][variant] = ev.image_generation_metrics(classifier, real_test, fake, requested)
+        grid = _per_class_images(fake, torch.tensor(requested), num_classes, per_class) if conditional else fake[:64]
+        _grid(grid, per_class if conditional else 8).save(figures / f"samples_{variant}.png")
+        results["figures"]["samples"][variant] = f"figures/samples_{variant}.png"
+        extra, notes = ev.optional_pretrained_metrics(real_test, fake)
+        results["generation"][variant].update(extra)
+        results["notes"] += [n for n in notes if n not in results["notes"]]
+    results["reconstruction"]["real"] = {"classifier_accuracy": classifier_info.get("test_accuracy")}
+    results["generation"]["real"] = ev.image_baseline_metrics(classifier, real_train, real_test,
+                                                              test_labels if conditional else None)
+    return results
+
+
+def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, budget: dict, seed: int) -> dict:
+    """Reconstruction + sample metrics for text pipelines, with a real-text baseline and sample texts."""
+    first = next(iter(pipes.values()))
+    count = budget["num_eval_samples"]
+    train_split = load_split(dataset, "train", "text")
+    eval_split = load_split(dataset, "eval", "text")
+    train_texts, _ = ev._texts_and_labels(train_split, None)
+    real_texts, real_labels = ev._texts_and_labels(eval_split, count)
+    seq_len = first.tokenizer.config.seq_len
+    real_texts = [t.encode("utf-8")[:seq_len].decode("utf-8", errors="ignore") for t in real_texts]
+    ngram = ev.CharNgramModel(order=5).fit(train_texts)
+    conditional = first.layout.conditional
+    sentiment = None
+    results = {"classifier": {}, "reconstruction": {}, "generation": {}, "text_samples": {}, "notes": []}
+    if conditional:
+        sentiment = ev.SentimentClassifier(seed=seed).fit(*ev._texts_and_labels(train_split, None))
+        results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
+    requested = list(real_labels) if conditional else None
+    for variant, pipe in pipes.items():
+        results["reconstruction"][variant] = ev.reconstruction_metrics(pipe.tokenizer, dataset)
+        out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
+                            guidance_scale=budget["guidance_scale"] if conditional else 1.0, seed=seed, batch_size=250)
+        results["generation"][variant] = ev.text_generation_metrics(out.texts, train_texts, ngram, sentiment, requested)
+        results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
+    results["generation"]["real"] = ev.text_baseline_metrics(real_texts, train_texts, ngram, sentiment, requested)
+    results["text_samples"]["real"] = _texts_by_class(real_texts, requested, first.class_names)
+    return results
+
+
+def _texts_by_class(texts: list[str], labels: list[int] | None, names: list[str] | None, per_group: int = 6):
+    if labels is None:
+        return texts[:per_group * 2]
+    groups: dict[str, list[str]] = {}
+    for text, label in zip(texts, labels):
+        group = groups.setdefault(names[label] if names else str(label), [])
+        if len(group) < per_group:
+            group.append(text)
+    return groups
+
+
+def evaluate_pipeline_folder(folder: Path, dataset: str | None = None, num_samples: int = 1000, seed: int = 0,
+                             guidance_scale: float = 1.0) -> dict:
+    """`vqgen evaluate`: the compare metrics for one pipeline folder (its own data set by default)."""
+    pipe = VQPipeline.from_pretrained(folder)
+    dataset = dataset or pipe.metadata.get("dataset")
+    if not dataset:
+        raise ValueError(f"{folder} does not record its data set; pass --dataset")
+    budget = {"num_eval_samples": num_samples, "guidance_scale": guidance_scale}
+    variant = pipe.tokenizer.config.variant
+    if pipe.modality == "image":
+        return evaluate_images({variant: pipe}, dataset, budget, Path(folder) / "evaluation", seed)
+    return evaluate_texts({variant: pipe}, dataset, budget, seed)
+
+
+def run_compare(dataset: str | None, modality: str, budget: str, output_dir: Path, seed: int = 0,
+                class_conditional: bool | None = None, force: bool = False,
+                perceptual_backend: str = "random-vgg") -> dict:
+    """Train both variants under identical settings, evaluate them, and write metrics.json and the report."""
+    from .report import write_report
+
+    started = time.time()
+    dataset = dataset or DEFAULT_DATASETS[modality]
+    settings = BUDGETS[budget]
+    class_names = load_split(dataset, "train", modality).class_names
+    if class_conditional is None:
+        class_conditional = class_names is not None
+    if class_conditional and class_names is None:
+        raise ValueError(f"--class-conditional needs a labelled data set; {dataset!r} has no 'label' column")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    training = {}
+    for variant in VARIANTS:
+        print(f"== {variant}: tokenizer and prior ({budget} budget) ==", flush=True)
+        training[variant] = train_variant(variant, dataset, modality, settings, output_dir, seed, class_conditional,
+                                          perceptual_backend, force)
+    print("== evaluation ==", flush=True)
+    pipes = {v: VQPipeline.from_pretrained(output_dir / "pipelines" / v) for v in VARIANTS}
+    if modality == "image":
+        results = evaluate_images(pipes, dataset, settings, output_dir, seed)
+    else:
+        results = evaluate_texts(pipes, dataset, settings, seed)
+    results["prior"] = {v: p.metadata.get("prior_metrics", {}) for v, p in pipes.items()}
+    results["training"] = training
+    results["settings"] = dict(
+        dataset=dataset, modality=modality, budget=budget, seed=seed, class_conditional=class_conditional,
+        class_names=class_names if class_conditional else None, perceptual_backend=perceptual_backend,
+        elapsed_seconds=time.time() - started, library_versions=pipes["vqvae"].config_dict()["library_versions"],
+        **{k: v for k, v in settings.items()},
+    )
+    (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
+    html, markdown = write_report(output_dir, results)
+    print(f"wrote {html}, {markdown} and {output_dir / 'metrics.json'}")
+    return results
