@@ -115,7 +115,9 @@ class VectorQuantizer(nn.Module):
         if ema_decay is not None:
             # EMA codebook (van den Oord et al. 2017, appendix A.1): no gradient to the codebook.
             self.embedding.weight.requires_grad_(False)
-            self.register_buffer("ema_cluster_size", torch.zeros(codebook_size))
+            # Start consistent (embed_sum = cluster_size * code) so the first updates neither blow up
+            # unused codes (0 / eps) nor drag used ones far from their assigned outputs.
+            self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
             self.register_buffer("ema_embed_sum", self.embedding.weight.detach().clone())
         # Per-batch code counts over the last `usage_window` training batches (a ring buffer).
         self.register_buffer("usage_counts", torch.zeros(usage_window, codebook_size))
