@@ -56,6 +56,15 @@ class VQModel(PreTrainedModel):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """PreTrainedModel.from_pretrained, keeping an EMA codebook frozen (loading makes fresh Parameters)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+        if model.config.ema_decay is not None:
+            model.quantizer.embedding.weight.requires_grad_(False)
+        return loaded
+
     def _init_weights(self, module: torch.nn.Module) -> None:
         # Modules keep PyTorch's default initialisation; nothing to add.
         return
