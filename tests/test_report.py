@@ -1,0 +1,319 @@
+"""pipelines/report.py: a self-contained report.html and a report.md from a synthetic `vqgen compare` folder."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import io
+import json
+import math
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from PIL import Image, ImageDraw
+
+from pipelines.report import METRICS, better_variant, format_value, summarize, write_report
+
+# VQGAN leads on fd_classifier, kid_mean, recall, class_hist_kl, class_accuracy, fid; VQ-VAE on precision;
+# inception_score ties; kid_std has no direction; KID has the largest relative gap (0.05 vs 0.01 = 80%).
+IMAGE_GENERATION = {
+    "vqvae": dict(fd_classifier=40.0, kid_mean=0.05, kid_std=0.004, inception_score=5.0, precision=0.80, recall=0.40,
+                  class_hist_kl=0.30, class_accuracy=0.70, fid=80.0, my_custom_score=3.0),
+    "vqgan": dict(fd_classifier=12.0, kid_mean=0.01, kid_std=0.002, inception_score=5.0, precision=0.60, recall=0.55,
+                  class_hist_kl=0.10, class_accuracy=0.85, fid=50.0, my_custom_score=4.0),
+    "real": dict(fd_classifier=1.5, kid_mean=0.0001, kid_std=0.0003, inception_score=8.9, precision=0.75, recall=0.75,
+                 class_hist_kl=0.01, class_accuracy=0.98),
+}
+IMAGE_RECONSTRUCTION = {
+    "vqvae": dict(mse=0.01, psnr=26.0, ssim=0.90, fd_classifier=5.0, classifier_accuracy=0.95,
+                  classifier_accuracy_real=0.99, codebook_usage=60.0, perplexity=200.0, lpips_vgg=0.10, num_items=500),
+    "vqgan": dict(mse=0.02, psnr=24.0, ssim=0.85, fd_classifier=3.0, classifier_accuracy=0.97,
+                  classifier_accuracy_real=0.99, codebook_usage=90.0, perplexity=350.0, lpips_vgg=0.05, num_items=500),
+}
+TEXT_GENERATION = {  # distinct_1: VQ-VAE is higher but VQGAN is closer to real, so VQGAN is better
+    "vqvae": dict(distinct_1=0.90, distinct_2=0.95, distinct_3=0.97, self_bleu4=0.05, length_mean=40.0, length_std=5.0,
+                  length_min=10.0, length_max=64.0, ngram_perplexity=9.0, sentiment_agreement=0.55),
+    "vqgan": dict(distinct_1=0.45, distinct_2=0.80, distinct_3=0.90, self_bleu4=0.15, length_mean=52.0,
+                  length_std=12.0, length_min=3.0, length_max=64.0, ngram_perplexity=5.0, sentiment_agreement=0.70),
+    "real": dict(distinct_1=0.50, distinct_2=0.85, distinct_3=0.93, self_bleu4=0.20, length_mean=55.0, length_std=14.0,
+                 length_min=2.0, length_max=64.0, ngram_perplexity=4.0, sentiment_agreement=0.80),
+}
+SCRIPT = "<script>alert('x')</script> & more"
+
+
+def _grid(path: Path, seed: int, tiles: int = 8, side: int = 16) -> None:
+    """A tiles x tiles grid of stroke 'digits', like torchvision's make_grid output."""
+    import random
+
+    rng = random.Random(seed)
+    grid = Image.new("L", (tiles * (side + 2) + 2, tiles * (side + 2) + 2), 255)
+    for row in range(tiles):
+        for col in range(tiles):
+            tile = Image.new("L", (side, side), 0)
+            draw = ImageDraw.Draw(tile)
+            for _ in range(3):
+                draw.line([tuple(rng.randrange(2, side - 2) for _ in range(2)) for _ in range(2)], fill=255, width=2)
+            grid.paste(tile, (2 + col * (side + 2), 2 + row * (side + 2)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _logs(root: Path, steps: int = 400, every: int = 5) -> None:
+    """Noisy stage-1 and stage-2 metrics.jsonl logs; VQGAN logs disc_loss from step 200 on."""
+    import random
+
+    rng = random.Random(0)
+    for index, variant in enumerate(("vqvae", "vqgan")):
+        rows = [dict(step=s, rec_loss=(0.4 + 0.1 * index) * s ** -0.5 * rng.uniform(0.8, 1.2), quantizer_loss=0.01,
+                     codebook_usage=min(100.0, (30 + 40 * index) * (1 + s / 200)), perplexity=(100 + 150 * index) *
+                     (1 + s / 400), step_time=0.1, **({"disc_loss": 1.0} if variant == "vqgan" and s >= 200 else {}))
+                for s in range(every, steps + 1, every)]
+        for row in rows:
+            row["loss"] = row["rec_loss"] + (0.3 * rng.random() if variant == "vqgan" and row["step"] >= 200 else 0.0)
+        path = root / "tokenizers" / variant / "metrics.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 41')  # a killed run's cut-off line
+        prior = [dict(step=s, loss=3.0 - s / 400, bits_per_code=(4.0 - s / 300 - 0.3 * index) * rng.uniform(0.95, 1.05),
+                      lr=1e-3, **({"val_nll": 2.5, "val_bits_per_code": 3.6 - s / 1000 - 0.3 * index}
+                                  if s % 100 == 0 else {}))
+                 for s in range(every, steps + 1, every)]
+        path = root / "pipelines" / variant / "metrics.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("\n".join(json.dumps(r) for r in prior) + "\n")
+
+
+def image_metrics() -> dict:
+    return {
+        "settings": dict(dataset="digits", modality="image", budget="quick", seed=0, class_conditional=True,
+                         tokenizer_preset="tiny", prior_preset="tiny", tokenizer_steps=400, prior_steps=400,
+                         num_eval_samples=360, guidance_scale=2.0, perceptual_backend="random-vgg",
+                         elapsed_seconds=754.2, library_versions={"torch": "2.5.1", "vqgen": "0.1.0"},
+                         class_names=["zero", "one"]),
+        "classifier": dict(test_accuracy=0.987, weights_sha256="ab" * 32),
+        "reconstruction": copy.deepcopy(IMAGE_RECONSTRUCTION),
+        "generation": copy.deepcopy(IMAGE_GENERATION),
+        "prior": {"vqvae": dict(val_nll=2.5, val_bits_per_code=3.6), "vqgan": dict(val_nll=2.2, val_bits_per_code=3.2)},
+        "training": {v: dict(tokenizer_seconds=300.0, prior_seconds=120.5) for v in ("vqvae", "vqgan")},
+        "figures": {
+            "samples": {"vqvae": "figures/samples_vqvae.png", "vqgan": "figures/samples_vqgan.png",
+                        "real": "figures/samples_real.png"},  # real is never written: it must become a note
+            "samples_per_class": {name: {c: f"figures/{name}_{c}.png" for c in ("vqvae", "vqgan", "real")}
+                                  for name in ("zero", "one")},
+            "reconstructions": {"vqvae": "figures/reconstructions_vqvae.png",
+                                "vqgan": "figures/reconstructions_vqgan.png"},
+        },
+        "notes": ["LPIPS/FID not computed: weights unavailable offline"],
+    }
+
+
+def text_metrics() -> dict:
+    return {
+        "settings": dict(dataset="sst2", modality="text", budget="quick", seed=0, class_conditional=True),
+        "classifier": dict(sentiment_test_accuracy=0.81),
+        "reconstruction": {"vqvae": dict(byte_accuracy=0.97, exact_match=0.40, codebook_usage=75.0, perplexity=180.0),
+                           "vqgan": dict(byte_accuracy=0.95, exact_match=0.30, codebook_usage=80.0, perplexity=190.0)},
+        "generation": copy.deepcopy(TEXT_GENERATION),
+        "text_samples": {"vqvae": {"positive": ["a fine film", SCRIPT], "negative": ["dull"]},
+                         "vqgan": {"positive": ["warm and funny"], "negative": ["a mess\nof a film"]},
+                         "real": ["a real review", "another one"]},
+    }
+
+
+def _swap(metrics: dict) -> dict:
+    swapped = copy.deepcopy(metrics)
+    for group in ("generation", "reconstruction"):
+        swapped[group]["vqvae"], swapped[group]["vqgan"] = metrics[group]["vqgan"], metrics[group]["vqvae"]
+    return swapped
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_run")
+    metrics = image_metrics()
+    _logs(root)
+    for index, (variant, path) in enumerate(metrics["figures"]["samples"].items()):
+        if variant != "real":
+            _grid(root / path, index)
+    for index, paths in enumerate([*metrics["figures"]["samples_per_class"].values(),
+                                   metrics["figures"]["reconstructions"]]):
+        for variant, path in paths.items():
+            _grid(root / path, 10 + index, tiles=2)
+    html_path, md_path = write_report(root, metrics)
+    return root, metrics, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_run")
+    metrics = text_metrics()
+    html_path, md_path = write_report(root, metrics)
+    return root, metrics, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def _tags(page: str, name: str) -> list[dict]:
+    parser = _Tags()
+    parser.feed(page)
+    return [attrs for tag, attrs in parser.tags if tag == name]
+
+
+def _marked(page: str, table: str, key: str) -> set[str]:
+    row = re.search(rf'<tr data-table="{table}" data-metric="{key}">(.*?)</tr>', page)
+    assert row, f"no row for {table}/{key}"
+    return set(re.findall(r'<td class="num better" data-variant="(\w+)">', row.group(1)))
+
+
+def _summary(page: str) -> str:
+    return re.search(r'<p class="summary">(.*?)</p>', page, re.S).group(1)
+
+
+@pytest.mark.parametrize("run", ["image_run", "text_run"])
+def test_html_is_self_contained(run, request):
+    root, _, page, _ = request.getfixturevalue(run)
+    assert (root / "report.html").is_file() and (root / "report.md").is_file()
+    for forbidden in ('src="http', "src='http", "<link", "<script", "@import", "url(http"):
+        assert forbidden not in page.lower()
+    images = _tags(page, "img")
+    for attrs in images:
+        assert attrs["src"].startswith("data:image/png;base64,")
+        with Image.open(io.BytesIO(base64.b64decode(attrs["src"].split(",", 1)[1]))) as image:
+            assert image.format == "PNG"
+            image.verify()
+    if run == "image_run":  # 2 sample grids (real is missing), 2 classes x 3, 2 reconstructions, 3 curve plots
+        assert len(images) == 2 + 6 + 2 + 3
+    else:
+        assert images == []  # no figures and no logs: nothing to draw
+
+
+def test_markdown_links_existing_pngs(image_run):
+    root, _, _, markdown = image_run
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert "figures/curves_tokenizer_loss.png" in links and "figures/curves_prior.png" in links
+    assert len(links) == 2 + 6 + 2 + 3
+    for link in links:
+        assert not link.startswith(("/", "http")) and (root / unquote(link)).is_file()
+
+
+@pytest.mark.parametrize("run", ["image_run", "text_run"])
+def test_every_metric_is_shown_with_its_description(run, request):
+    _, metrics, page, markdown = request.getfixturevalue(run)
+    for group in ("reconstruction", "generation", "prior", "training"):
+        keys = {k for column in metrics.get(group, {}).values() for k in column} - {"classifier_accuracy_real"}
+        for key in keys:
+            assert f'data-table="{group}" data-metric="{key}"' in page
+            if key in METRICS:
+                assert html.escape(METRICS[key].description) in page
+                assert f"(`{key}`)" in markdown and METRICS[key].description in markdown
+            else:
+                assert f"`{key}`" in markdown
+
+
+def test_synthetic_runs_cover_every_metric():
+    shown = {k for m in (image_metrics(), text_metrics()) for g in ("reconstruction", "generation", "prior", "training")
+             for column in m.get(g, {}).values() for k in column}
+    assert set(METRICS) <= shown
+
+
+def test_better_value_is_marked(image_run, text_run):
+    _, _, page, markdown = image_run
+    assert _marked(page, "generation", "fd_classifier") == {"vqgan"}  # lower is better
+    assert _marked(page, "generation", "precision") == {"vqvae"}  # higher is better
+    assert _marked(page, "generation", "inception_score") == set()  # tie
+    assert _marked(page, "generation", "kid_std") == set()  # no direction
+    assert _marked(page, "generation", "my_custom_score") == set()  # unknown key
+    assert _marked(page, "reconstruction", "mse") == {"vqvae"}
+    assert _marked(page, "prior", "val_bits_per_code") == set()
+    assert re.search(r"\| FD-classifier \(`fd_classifier`\) \| 40 \| \*\*12\*\* ▲ \| 1\.5 \|", markdown)
+    assert re.search(r"\| Classifier IS \(`inception_score`\) \| 5 \| 5 \| 8\.9 \|", markdown)
+    # classifier_accuracy_real moves into the real column instead of being its own row
+    assert 'data-metric="classifier_accuracy_real"' not in page
+    assert re.search(r'data-metric="classifier_accuracy">.*?data-variant="real">99%</td>', page)
+    _, _, text_page, _ = text_run
+    assert _marked(text_page, "generation", "distinct_1") == {"vqgan"}  # closer to real, although lower
+    assert _marked(text_page, "generation", "length_max") == set()  # tie
+
+
+@pytest.mark.parametrize(
+    "key, values, expected",
+    [
+        ("fd_classifier", {"vqvae": 2.0, "vqgan": 3.0}, "vqvae"),
+        ("recall", {"vqvae": 0.2, "vqgan": 0.3}, "vqgan"),
+        ("length_mean", {"vqvae": 10.0, "vqgan": 30.0, "real": 25.0}, "vqgan"),
+        ("length_mean", {"vqvae": 20.0, "vqgan": 30.0, "real": 25.0}, "tie"),
+        ("length_mean", {"vqvae": 10.0, "vqgan": 30.0}, None),  # no real baseline to be close to
+        ("recall", {"vqvae": 0.30001, "vqgan": 0.3}, "tie"),  # equal at 4 significant digits
+        ("recall", {"vqvae": 0.3, "vqgan": None}, None),
+        ("recall", {"vqvae": 0.3, "vqgan": math.nan}, None),
+        ("kid_std", {"vqvae": 0.3, "vqgan": 0.1}, None),
+        ("unknown_metric", {"vqvae": 0.3, "vqgan": 0.1}, None),
+    ],
+)
+def test_better_variant(key, values, expected):
+    assert better_variant(key, values) == expected
+
+
+@pytest.mark.parametrize(
+    "value, unit, expected",
+    [(0.98765, "fraction", "98.77%"), (62.5, "percent", "62.5%"), (12345.6, "", "12,350"), (3.14159, "", "3.142"),
+     (0.000123456, "", "0.0001235"), (26.04, "dB", "26.04 dB"), (754.2, "seconds", "12 min 34 s"), (500, "", "500"),
+     (math.inf, "", "∞"), (None, "", "—"), (True, "", "yes")],
+)
+def test_format_value(value, unit, expected):
+    assert format_value(value, unit) == expected
+
+
+def test_text_samples_are_escaped(text_run):
+    _, _, page, markdown = text_run
+    assert "<script>alert" not in page
+    assert html.escape(SCRIPT) in page
+    assert "Class: positive" in page and "a real review" in page  # per-class dicts and a plain list both shown
+    assert SCRIPT in markdown and "a mess ⏎ of a film" in markdown
+
+
+def test_missing_figure_is_a_note_not_a_broken_image(image_run):
+    _, _, page, markdown = image_run
+    assert re.search(r'<p class="missing">Real data samples: figures/samples_real\.png is missing', page)
+    assert re.search(r'<ul class="notes">.*figures/samples_real\.png is missing', page, re.S)
+    assert all(attrs.get("alt") != "Real data samples" for attrs in _tags(page, "img"))
+    assert "*missing: figures/samples_real.png*" in markdown
+    assert "LPIPS/FID not computed" in page
+
+
+def test_summary_names_the_winner_in_both_directions(image_run):
+    _, metrics, page, markdown = image_run
+    assert "<strong>VQGAN</strong> gave the better samples" in _summary(page)
+    assert "**VQGAN** gave the better samples: it leads on 6 of 8" in markdown
+    assert "largest relative difference is in KID" in _summary(page)
+    swapped = summarize(_swap(metrics))
+    assert "**VQ-VAE** gave the better samples: it leads on 6 of 8" in swapped
+    assert "VQGAN on 1 (Precision)" in swapped
+
+
+def test_summary_without_a_verdict(tmp_path):
+    tied = {"generation": {"vqvae": {"recall": 0.5, "precision": 0.9}, "vqgan": {"recall": 0.6, "precision": 0.8}}}
+    assert "neither tokenizer is ahead" in summarize(tied)
+    html_path, md_path = write_report(tmp_path, {})
+    page = html_path.read_text(encoding="utf-8")
+    assert "cannot say which gave better samples" in page and _tags(page, "img") == []
+    assert "No training logs were found" in md_path.read_text(encoding="utf-8")
+
+
+def test_bad_input_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="output_dir="):
+        write_report(tmp_path / "absent", {})
+    with pytest.raises(TypeError, match="metrics must be a dict"):
+        write_report(tmp_path, [])
+    with pytest.raises(TypeError, match=r"metrics\['generation'\] must be a dict"):
+        write_report(tmp_path, {"generation": [1, 2]})
