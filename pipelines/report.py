@@ -12,6 +12,7 @@ import html
 import io
 import json
 import math
+import numbers
 import re
 import struct
 from dataclasses import dataclass
@@ -133,7 +134,7 @@ CLASSIFIER_LABELS = {  # the evaluation classifier's facts shown up front; the r
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy scalars included
 
 
 def _significant(value: float, digits: int = 4) -> str:
@@ -160,6 +161,8 @@ def format_value(value, unit: str = "") -> str:
         return "—"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if _is_number(value):
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(value, int):
         return f"{value:,}" if unit != "seconds" else _duration(value)
     if isinstance(value, float):
