@@ -1,0 +1,404 @@
+"""Invariants of the evaluation metrics, the cached feature classifier and the text judges."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pipelines import evaluation as E
+from stage1_tokenizer import VQConfig, VQModel
+from stage1_tokenizer.configuration import PAD_BYTE
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is missing")
+
+
+def _whitened(num: int, dim: int, seed: int) -> np.ndarray:
+    """Samples whose sample mean is exactly 0 and sample covariance exactly the identity."""
+    x = np.random.default_rng(seed).standard_normal((num, dim))
+    x -= x.mean(0)
+    return x @ np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frechet distance, KID, IS, precision/recall, histogram KL
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(0).standard_normal((500, 16)) * 3 + 1
+    assert E.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-8)
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5, 2.0])
+def test_frechet_distance_of_a_mean_shift_is_squared_norm(shift):
+    a = _whitened(400, 8, seed=1)
+    mu = np.full(8, shift)
+    assert E.frechet_distance(a, a + mu) == pytest.approx(float(mu @ mu), abs=1e-8)
+
+
+def test_frechet_distance_matches_gaussian_closed_form():
+    var_a, var_b = np.array([1.0, 4.0, 0.25, 2.0]), np.array([9.0, 1.0, 1.0, 0.5])
+    mu = np.array([1.0, -2.0, 0.0, 0.5])
+    a = _whitened(300, 4, seed=2) * np.sqrt(var_a)
+    b = _whitened(300, 4, seed=3) * np.sqrt(var_b) + mu
+    expected = mu @ mu + np.sum(var_a + var_b - 2 * np.sqrt(var_a * var_b))
+    assert E.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_full_covariances():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6))
+    b = rng.standard_normal((200, 6)) @ rng.standard_normal((6, 6)) + 0.3
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    expected = diff @ diff + np.trace(cov_a + cov_b - 2 * scipy.linalg.sqrtm(cov_a @ cov_b).real)
+    assert E.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_rejects_mismatched_widths():
+    with pytest.raises(ValueError, match="width"):
+        E.frechet_distance(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shift():
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((600, 16)), rng.standard_normal((600, 16))
+    same_mean, same_std = E.kernel_inception_distance(a, b, subsets=20, subset_size=300)
+    shifted_mean, _ = E.kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=300)
+    assert abs(same_mean) < 3 * same_std + 1e-3
+    assert shifted_mean > 0.1 > abs(same_mean) * 10
+
+
+def test_kid_single_subset_matches_torchmetrics_poly_mmd():
+    from torchmetrics.image.kid import poly_mmd
+
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((50, 8)), rng.standard_normal((50, 8)) + 0.2
+    mean, std = E.kernel_inception_distance(a, b, subsets=1, subset_size=50)  # a whole-set permutation
+    assert mean == pytest.approx(float(poly_mmd(torch.from_numpy(a), torch.from_numpy(b))), rel=1e-9)
+    assert std == 0.0
+
+
+def test_kid_rejects_a_subset_larger_than_the_sets():
+    with pytest.raises(ValueError, match="subset_size"):
+        E.kernel_inception_distance(np.zeros((10, 3)), np.zeros((20, 3)), subset_size=11)
+
+
+def test_inception_score_bounds():
+    num_classes = 10
+    constant = torch.zeros(100, num_classes)
+    constant[:, 3] = 1.0
+    assert E.classifier_inception_score(constant) == pytest.approx(1.0)
+    diverse = torch.eye(num_classes).repeat(10, 1)  # confident, each class equally often
+    assert E.classifier_inception_score(diverse) == pytest.approx(num_classes)
+    uncertain = torch.full((100, num_classes), 1.0 / num_classes)
+    assert E.classifier_inception_score(uncertain) == pytest.approx(1.0)
+
+
+def test_precision_recall_identical_disjoint_and_mode_dropping():
+    rng = np.random.default_rng(7)
+    real = rng.standard_normal((300, 4))
+    assert E.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert E.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    two_modes = np.concatenate([rng.standard_normal((150, 4)), rng.standard_normal((150, 4)) + 50])
+    one_mode = rng.standard_normal((300, 4))  # samples that cover only the first mode
+    precision, recall = E.precision_recall(two_modes, one_mode)
+    assert precision > 0.9
+    assert 0.4 < recall < 0.6
+
+
+def test_class_histogram_kl():
+    labels = torch.arange(10).repeat(20)
+    assert E.class_histogram_kl(labels, labels.flip(0), 10) == pytest.approx(0.0, abs=1e-12)
+    assert E.class_histogram_kl(labels, torch.full((10,), 0.1), 10) == pytest.approx(0.0, abs=1e-12)
+    dropped = labels[labels < 5]  # samples that miss half the classes
+    assert E.class_histogram_kl(dropped, labels, 10) > 0.5
+    with pytest.raises(ValueError, match="pred_labels_fake"):
+        E.class_histogram_kl(torch.tensor([10]), labels, 10)
+
+
+def test_class_conditional_accuracy():
+    assert E.class_conditional_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == 0.75
+    with pytest.raises(ValueError, match="equal length"):
+        E.class_conditional_accuracy([1, 2], [1])
+
+
+def test_psnr_is_finite_for_identical_images_and_exact_for_a_constant_error():
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    assert torch.equal(E.psnr(images, images), torch.full((4,), 100.0))
+    assert torch.allclose(E.psnr(images, images + 0.2), torch.full((4,), 20.0))  # 10 log10(2^2 / 0.04)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The feature classifier and image metrics (scikit-learn digits, 16x16)
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("classifiers")
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(classifier_cache):
+    start = time.perf_counter()
+    classifier, info = E.load_or_train_classifier("digits", 16, 1, seed=0, cache_dir=classifier_cache)
+    return classifier, info, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def digits_test_images():
+    return E.load_images("digits", "eval", 16, 1)
+
+
+def test_classifier_trains_on_digits(digits_classifier):
+    classifier, info, _ = digits_classifier
+    assert not info["from_cache"]
+    assert info["test_accuracy"] > 0.85
+    assert info["weights_sha256"] == E.weights_sha256(classifier)
+    assert info["num_test"] == 360
+
+
+def test_classifier_cache_is_reused(digits_classifier, classifier_cache):
+    _, first_info, first_seconds = digits_classifier
+    weights = Path(first_info["cache_dir"]) / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    classifier, info = E.load_or_train_classifier("digits", 16, 1, seed=0, cache_dir=classifier_cache)
+    assert info["from_cache"]
+    assert info["weights_sha256"] == first_info["weights_sha256"] == E.weights_sha256(classifier)
+    assert weights.stat().st_mtime_ns == mtime
+    assert time.perf_counter() - start < first_seconds
+    assert len(list(classifier_cache.iterdir())) == 1
+
+
+def test_classifier_rejects_unlabelled_data(tmp_path):
+    import datasets
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)) for i in range(4)]
+    table = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    for split in ("train", "test"):
+        table.to_parquet(str(tmp_path / f"{split}.parquet"))
+    with pytest.raises(ValueError, match="labelled data set"):
+        E.load_or_train_classifier(str(tmp_path), 16, 1, cache_dir=tmp_path / "cache")
+
+
+def test_classifier_rejects_wrong_image_shape(digits_classifier):
+    classifier = digits_classifier[0]
+    with pytest.raises(ValueError, match=r"\(B, 1, 16, 16\)"):
+        E.classifier_outputs(classifier, torch.zeros(2, 1, 8, 8))
+
+
+def test_image_metrics_real_against_itself_and_against_noise(digits_classifier, digits_test_images):
+    classifier, info, _ = digits_classifier
+    images, labels = digits_test_images
+    same = E.image_generation_metrics(classifier, images, images, requested_labels=labels, kid_subsets=10)
+    assert set(same) == {"fd_classifier", "kid_mean", "kid_std", "inception_score", "precision", "recall",
+                         "class_hist_kl", "class_accuracy"}
+    assert same["fd_classifier"] == pytest.approx(0.0, abs=1e-6)
+    assert same["precision"] == same["recall"] == 1.0
+    assert same["class_hist_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert same["class_accuracy"] == pytest.approx(info["test_accuracy"])
+    assert same["inception_score"] > 5.0
+    assert same["kid_std"] > 0  # subsets of half the set differ from each other
+
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    bad = E.image_generation_metrics(classifier, images, noise, kid_subsets=10)
+    assert "class_accuracy" not in bad
+    assert bad["fd_classifier"] > 10 * max(same["fd_classifier"], 1e-3)
+    assert bad["kid_mean"] > same["kid_mean"] + 10 * bad["kid_std"]
+    assert bad["precision"] < 0.5
+    assert bad["inception_score"] < same["inception_score"]
+
+
+def test_image_baseline_metrics_on_two_real_sets(digits_classifier, digits_test_images):
+    classifier = digits_classifier[0]
+    images, labels = digits_test_images
+    train_images, _ = E.load_images("digits", "train", 16, 1, max_items=len(images))
+    baseline = E.image_baseline_metrics(classifier, train_images, images, labels, kid_subsets=10)
+    assert all(math.isfinite(value) for value in baseline.values())
+    assert baseline["class_accuracy"] > 0.85
+    assert baseline["precision"] > 0.7 and baseline["recall"] > 0.7
+    with pytest.raises(ValueError, match="same number"):
+        E.image_baseline_metrics(classifier, train_images[:10], images[:11])
+
+
+def test_image_metrics_accept_pil_images(digits_classifier, digits_test_images):
+    from PIL import Image
+
+    classifier = digits_classifier[0]
+    images = digits_test_images[0][:40]
+    pil = [Image.fromarray(image[0].add(1).mul(127.5).round().byte().numpy()) for image in images]
+    metrics = E.image_generation_metrics(classifier, images, pil, kid_subsets=2)
+    assert metrics["fd_classifier"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reconstruction_metrics_of_an_untrained_image_tokenizer(digits_classifier):
+    torch.manual_seed(0)
+    model = VQModel(VQConfig.from_preset("tiny", in_channels=1))
+    metrics = E.reconstruction_metrics(model, "digits", digits_classifier[0], batch_size=32, max_items=64)
+    expected = {"mse", "psnr", "ssim", "fd_classifier", "classifier_accuracy", "classifier_accuracy_real",
+                "codebook_usage", "perplexity", "num_items"}
+    assert set(metrics) == expected
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert metrics["num_items"] == 64
+    assert 0 < metrics["codebook_usage"] <= 100
+    assert 1 <= metrics["perplexity"] <= model.config.codebook_size
+    assert metrics["classifier_accuracy_real"] > 0.85
+    assert model.training  # the training flag is restored
+
+
+def test_reconstruction_metrics_of_a_perfect_image_tokenizer(monkeypatch, digits_classifier):
+    model = VQModel(VQConfig.from_preset("tiny", in_channels=1))
+    seen = {}
+
+    def encode(inputs):
+        seen["inputs"] = inputs
+        return torch.zeros(len(inputs), *model.config.latent_shape, dtype=torch.long)
+
+    monkeypatch.setattr(model, "encode", encode)
+    monkeypatch.setattr(model, "decode", lambda indices: seen["inputs"].clone())
+    metrics = E.reconstruction_metrics(model, "digits", digits_classifier[0], max_items=50)
+    assert metrics["mse"] == 0.0 and metrics["psnr"] == 100.0
+    assert metrics["ssim"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["fd_classifier"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["classifier_accuracy"] == metrics["classifier_accuracy_real"]
+    assert metrics["codebook_usage"] == pytest.approx(100 / model.config.codebook_size)
+    assert metrics["perplexity"] == pytest.approx(1.0)
+
+
+def test_text_reconstruction_ignores_pad_positions(monkeypatch):
+    model = VQModel(VQConfig.from_preset("tiny", modality="text"))
+    texts = ["def f(x):", "return x + 1", "a much longer line that runs past the window of 32 bytes"]
+    split = E.Split([{"text": t} for t in texts], "text", None, "fixture", "fixture")
+    seen = {}
+
+    def encode(inputs):
+        seen["inputs"] = inputs
+        return torch.zeros(len(inputs), *model.config.latent_shape, dtype=torch.long)
+
+    def decode(indices):
+        predicted = seen["inputs"].clone()
+        predicted[predicted == PAD_BYTE] = ord("x")  # wrong only where the record has no text
+        predicted[1, 0] = ord("R")  # and one wrong byte in the second record
+        return torch.nn.functional.one_hot(predicted, 257).movedim(-1, 1).float()
+
+    monkeypatch.setattr(model, "encode", encode)
+    monkeypatch.setattr(model, "decode", decode)
+    metrics = E.reconstruction_metrics(model, split)
+    num_bytes = sum(min(len(t), 32) for t in texts)
+    assert set(metrics) == {"byte_accuracy", "exact_match", "codebook_usage", "perplexity", "num_items"}
+    assert metrics["byte_accuracy"] == pytest.approx((num_bytes - 1) / num_bytes)
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
+
+
+def test_reconstruction_metrics_of_an_untrained_text_tokenizer():
+    torch.manual_seed(0)
+    model = VQModel(VQConfig.from_preset("tiny", modality="text"))
+    metrics = E.reconstruction_metrics(model, "python-docs", max_items=16)
+    assert all(math.isfinite(value) for value in metrics.values())
+    assert 0 <= metrics["byte_accuracy"] < 0.5 and metrics["exact_match"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text samples
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_distinct_n_on_known_strings():
+    texts = ["a b a b", "a c"]
+    assert E.distinct_n(texts, 1) == pytest.approx(3 / 6)
+    assert E.distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert E.distinct_n(texts, 3) == pytest.approx(2 / 2)
+
+
+def test_self_bleu_of_identical_texts_is_one_and_lower_for_different_ones():
+    same = ["the cat sat on the mat today"] * 5
+    assert E.self_bleu4(same) == pytest.approx(1.0)
+    different = ["the cat sat on the mat today", "a dog ran in the park at night",
+                 "we will sing a song of joy", "prices rose by ten percent in may"]
+    assert E.self_bleu4(different) < 0.2
+
+
+def test_sentence_bleu_matches_torchmetrics_when_every_order_matches():
+    from torchmetrics.text import BLEUScore
+
+    hypothesis = "the quick brown fox jumps over the lazy dog"
+    references = ["the quick brown fox jumped over the lazy dog", "a quick brown fox jumps over a dog"]
+    expected = float(BLEUScore(n_gram=4)([hypothesis], [references]))
+    assert E.sentence_bleu4(hypothesis.split(), [r.split() for r in references]) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ngram_model():
+    from pydoc_data.topics import topics
+
+    return E.CharNgramModel(order=5).fit([topics[key] for key in sorted(topics)[:60]])
+
+
+@pytest.mark.parametrize("context", [b"", b"t", b"the q", b"\xff\xfe\xfd\xfc"])
+def test_ngram_probabilities_sum_to_one(ngram_model, context):
+    assert sum(ngram_model.probability(context, symbol) for symbol in range(256)) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_ngram_perplexity_is_lower_on_train_like_text_than_on_random_bytes(ngram_model):
+    english = ["The value of the expression is returned by the function.",
+               "If the object is an instance of the class, the method is called."]
+    rng = random.Random(0)
+    noise = ["".join(chr(rng.randrange(32, 0x3000)) for _ in range(60)) for _ in range(2)]
+    english_ppl, noise_ppl = ngram_model.perplexity(english), ngram_model.perplexity(noise)
+    assert math.isfinite(noise_ppl)
+    assert english_ppl < 10 < noise_ppl
+
+
+def test_text_generation_metrics_keys_and_sentiment_agreement():
+    class Echo:  # a stand-in sentiment judge: label 1 when the text says "good"
+        def accuracy(self, texts, labels):
+            return float(np.mean([int("good" in t) == label for t, label in zip(texts, labels)]))
+
+    texts = ["a good film", "a bad film", "good good good"]
+    metrics = E.text_generation_metrics(texts, ["a good film indeed", "not bad at all"], sentiment=Echo(),
+                                        requested_labels=[1, 0, 0])
+    assert set(metrics) == {"distinct_1", "distinct_2", "distinct_3", "self_bleu4", "length_mean", "length_std",
+                            "length_min", "length_max", "ngram_perplexity", "sentiment_agreement"}
+    assert metrics["sentiment_agreement"] == pytest.approx(2 / 3)
+    assert (metrics["length_min"], metrics["length_max"]) == (10.0, 14.0)
+    assert all(math.isfinite(value) for value in metrics.values())
+
+
+def test_texts_and_labels_of_labelled_and_unlabelled_splits():
+    from stage1_tokenizer.data import load_split
+
+    texts, labels = E.texts_and_labels(load_split("python-docs", "eval", "text"), max_items=3)
+    assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts) and labels is None
+    split = E.Split([{"text": "good", "label": 1}, {"text": None, "label": 0}], "text", ["neg", "pos"], "f", "f")
+    assert E.texts_and_labels(split) == (["good", ""], [1, 0])
+
+
+@needs_shared_data
+def test_sentiment_classifier_on_sst2_beats_chance():
+    sentiment = E.SentimentClassifier.from_dataset(str(SHARED_DATA / "sst2"), max_train=20000)
+    assert sentiment.test_accuracy > 0.75
+    assert sentiment.class_names == ["negative", "positive"]
+    texts = ["a wonderful , moving and beautifully acted film .", "a dull , tedious and painfully boring mess ."]
+    assert sentiment.accuracy(texts, [1, 0]) == 1.0
+
+
+def test_optional_pretrained_metrics_skip_quickly_without_weights(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    images = torch.zeros(4, 1, 16, 16)
+    start = time.perf_counter()
+    metrics, notes = E.optional_pretrained_metrics(images, images, paired=True)
+    assert metrics == {}
+    assert any(note.startswith("fid skipped") for note in notes)
+    assert any(note.startswith("lpips skipped") for note in notes)
+    assert time.perf_counter() - start < 5
