@@ -149,8 +149,11 @@ def main(args: argparse.Namespace) -> None:
 
     sampler = StepBatchSampler(len(train_set), batch_size, args.seed, step,
                                accelerator.process_index, accelerator.num_processes)
+    # Its own generator: iter(loader) draws a worker seed, which must not shift the global RNG that a
+    # resumed run restores (dead-code restarts draw from it).
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
     fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite)
     log_every = args.log_every or defaults["log_every"]

@@ -41,14 +41,17 @@ def shared_dataset():
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Reset accelerate's process-wide singletons, so in-process training runs may differ in precision."""
+    """A reset() for accelerate's process-wide singletons, so in-process training runs (one test may do
+    several) start clean and may differ in precision; called before the test and after it."""
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    yield reset
+    reset()
 
 
 @pytest.fixture

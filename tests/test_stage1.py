@@ -61,6 +61,8 @@ def test_presets_build_valid_configs(preset):
     config = VQConfig.from_preset(preset)
     assert config.resolution % config.downsample_factor == 0
     assert config.latent_shape == (config.resolution // config.downsample_factor,) * 2
+    text = VQConfig.from_preset(preset, modality="text")
+    assert text.latent_shape == (text.seq_len // text.downsample_factor,)
 
 
 def fields_of(config: VQConfig) -> dict:

@@ -1,0 +1,219 @@
+"""End-to-end runs of `stage1_tokenizer.train`: the files a run writes and that they load, the shared
+Fashion-MNIST folder, `accelerate launch`, bit-exact resume, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from stage1_tokenizer import TOKENIZER_PRESETS, VQModel
+from stage1_tokenizer.train import cli
+
+DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1797 digits
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def train(fresh_accelerate_state):
+    """Run the training command line in this process: train(output_dir, "--variant", "vqgan", ...)."""
+
+    def run(output_dir: Path, *argv: str, steps: int = 2) -> Path:
+        fresh_accelerate_state()
+        cli(["--preset", "tiny", "--max-steps", str(steps), "--output-dir", str(output_dir), *map(str, argv)])
+        return output_dir
+
+    return run
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_weights(path_a: Path, path_b: Path) -> None:
+    a, b = load_file(str(path_a)), load_file(str(path_b))
+    assert a.keys() == b.keys()
+    differing = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+GAN_KEYS = {"gan_loss", "adaptive_weight", "disc_loss", "logits_real", "logits_fake"}
+
+RUNS = {
+    "vqvae": ("digits", "image", "vqvae"),
+    "vqgan": ("digits", "image", "vqgan"),
+    "text-vqgan": ("python-docs", "text", "vqgan"),
+}
+
+
+@pytest.mark.parametrize("dataset, modality, variant", RUNS.values(), ids=RUNS.keys())
+def test_two_step_run_writes_its_files_and_they_load(train, tmp_path, dataset, modality, variant):
+    out = train(tmp_path / "run", "--dataset", dataset, "--modality", modality, "--variant", variant,
+                "--log-every", 1, "--sample-every", 1)
+
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["loss"]) and 0 <= row["codebook_usage"] <= 100 for row in rows)
+    assert (GAN_KEYS <= set(rows[-1])) == (variant == "vqgan")
+    assert ("perceptual_loss" in rows[-1]) == (variant == "vqgan" and modality == "image")
+
+    samples = sorted(p.name for p in (out / "samples").iterdir())
+    if modality == "image":
+        assert samples == ["step_0000001.png", "step_0000002.png"]
+        with Image.open(out / "samples" / "step_0000002.png") as grid:
+            assert grid.size == (8 * 18 + 2, 2 * 18 + 2)  # 8 originals over 8 reconstructions, 16 px + padding
+    else:
+        assert samples == ["step_0000001.txt", "step_0000002.txt"]
+        assert "REAL:" in (out / "samples" / "step_0000002.txt").read_text()
+
+    checkpoint = out / "checkpoints" / "step_2"
+    assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
+    assert (checkpoint / "manifest.json").is_file()
+
+    results = json.loads((out / "eval_results.json").read_text())
+    assert 0 < results["test_codebook_usage"] <= 100 and results["test_perplexity"] >= 1
+    if modality == "image":
+        assert results["num_examples"] == DIGITS_TEST_SIZE and math.isfinite(results["test_psnr"])
+    else:
+        assert 0 <= results["test_byte_accuracy"] <= 1
+
+    model = VQModel.from_pretrained(out)
+    assert (model.config.variant, model.config.modality) == (variant, modality)
+    # The exported model is the trained one: the same weights as the last checkpoint's.
+    saved, checkpointed = load_file(str(out / "model.safetensors")), load_file(str(checkpoint / "model.safetensors"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]) and torch.equal(tensor, checkpointed[name]), name
+    if modality == "image":
+        assert model.config.class_names == [str(d) for d in range(10)] and model.config.in_channels == 1
+        assert model.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 8, 8)
+    else:
+        assert model.encode(["def f(x):", "héllo"]).shape == (2, model.config.seq_len // 2)
+
+
+@pytest.mark.parametrize("variant", ["vqvae", "vqgan"])
+def test_fashion_mnist_from_the_shared_folder(train, tmp_path, shared_dataset, variant):
+    out = train(tmp_path / "run", "--dataset", shared_dataset("fashion_mnist"), "--variant", variant)
+    model = VQModel.from_pretrained(out)
+    assert len(model.config.class_names) == 10 and model.config.in_channels == 1
+    assert model.config.resolution == TOKENIZER_PRESETS["tiny"]["model"]["resolution"]
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_examples"] == 10000
+    assert math.isfinite(results["test_psnr"]) and results["test_codebook_usage"] > 0
+
+
+def test_accelerate_launch(tmp_path, offline_env):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+               "-m", "stage1_tokenizer.train", "--dataset", "digits", "--variant", "vqvae", "--preset", "tiny",
+               "--max-steps", "2", "--output-dir", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, env=offline_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert json.loads((out / "eval_results.json").read_text())["num_examples"] == DIGITS_TEST_SIZE
+    assert VQModel.from_pretrained(out).config.variant == "vqvae"
+
+
+# Resume: a run interrupted after 4 steps and resumed to 8 must equal an uninterrupted 8-step run bit for bit.
+# bf16 autocast on CPU is deterministic too (checked here); the second case also restarts dead codes every
+# few batches (global RNG) and starts with k-means, so the checkpointed RNG state is exercised.
+RESUME_CASES = {
+    "vqgan-bf16-hflip": (["--variant", "vqgan", "--mixed-precision", "bf16", "--hflip"], None),
+    "vqvae-ema-restarts-no-amp": (["--variant", "vqvae", "--mixed-precision", "no"],
+                                  dict(ema_decay=0.99, kmeans_init=True, dead_code_threshold=4.0, usage_window=2)),
+}
+
+
+@pytest.mark.parametrize("argv, config_fields", RESUME_CASES.values(), ids=RESUME_CASES.keys())
+def test_resume_equals_an_uninterrupted_run(train, tmp_path, argv, config_fields):
+    argv = ["--dataset", "digits", "--log-every", 1, "--cpu", *argv]
+    if config_fields is not None:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({**TOKENIZER_PRESETS["tiny"]["model"], **config_fields}))
+        argv += ["--config", config]
+
+    straight = train(tmp_path / "straight", *argv, steps=8)
+    resumed = train(tmp_path / "resumed", *argv, steps=4)
+    train(resumed, *argv, "--resume", steps=8)
+
+    assert_same_weights(straight / "model.safetensors", resumed / "model.safetensors")
+    assert_same_weights(straight / "checkpoints" / "step_8" / "model.safetensors",
+                        resumed / "checkpoints" / "step_8" / "model.safetensors")
+    if "vqgan" in argv:  # the discriminator, saved as accelerate's second model
+        assert_same_weights(straight / "checkpoints" / "step_8" / "model_1.safetensors",
+                            resumed / "checkpoints" / "step_8" / "model_1.safetensors")
+    timeless = lambda rows: [{k: v for k, v in row.items() if k not in ("time", "step_time")} for row in rows]
+    assert [row["step"] for row in read_metrics(resumed)] == list(range(1, 9))
+    assert timeless(read_metrics(resumed)) == timeless(read_metrics(straight))
+    if config_fields is not None:
+        restarted_at = load_file(str(straight / "model.safetensors"))["quantizer.restarted_at"]
+        assert restarted_at.max() > 4, "dead codes must have been restarted after the resume point"
+
+
+def folder_without_image_column(tmp_path: Path) -> list[str]:
+    """A local parquet data set whose columns are 'pixels' and 'label': no image column."""
+    import datasets
+
+    folder = tmp_path / "no_images"
+    folder.mkdir()
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"pixels": [[0, 1], [2, 3]], "label": [0, 1]}).to_parquet(folder / f"{split}.parquet")
+    return ["--dataset", str(folder)]
+
+
+BAD_INPUT = {
+    "missing-path": (lambda tmp: ["--dataset", str(tmp / "does-not-exist")], "does not exist"),
+    "no-image-column": (folder_without_image_column,
+                        r"has no image column: expected one of \['image', 'img'\], found \['pixels', 'label'\]"),
+    "resolution": (lambda tmp: ["--resolution", "17"], "resolution=17 is not divisible"),
+    "wrong-modality": (lambda tmp: ["--modality", "text"], "holds images; use --modality image"),
+    "resume-without-checkpoint": (lambda tmp: ["--resume"], "holds no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("make_argv, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_a_one_line_error(train, tmp_path, capsys, make_argv, message):
+    argv = make_argv(tmp_path)
+    capsys.readouterr()  # drop what making the input printed
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path / "run", *argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    # Only the message: progress bars (datasets reading a new folder) may come before it.
+    message_lines = [line for line in err.splitlines() if line.strip() and not re.search(r"\d+%\||examples/s", line)]
+    assert len(message_lines) == 1 and message_lines[0].startswith("error: "), message_lines
+    assert re.search(message, message_lines[0]), message_lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+        (["--variant", "vqx"], "argument --variant: invalid choice: 'vqx'"),
+        (["--max-steps", "0"], "--max-steps must be >= 1"),
+    ],
+    ids=["preset", "variant", "max-steps"],
+)
+def test_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--max-steps", "2", "--output-dir", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.splitlines()[-1] and "error:" in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+
+def test_bad_input_from_a_real_process_has_no_traceback(tmp_path, offline_env):
+    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(tmp_path / "missing"),
+               "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: data set path {str(tmp_path / 'missing')!r} does not exist"]
