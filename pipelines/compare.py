@@ -167,16 +167,19 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, budget: dict, see
     count = budget["num_eval_samples"]
     train_split = load_split(dataset, "train", "text")
     eval_split = load_split(dataset, "eval", "text")
-    train_texts, _ = ev._texts_and_labels(train_split, None)
-    real_texts, real_labels = ev._texts_and_labels(eval_split, count)
+    train_texts, train_labels = ev.texts_and_labels(train_split, None)
+    eval_texts, eval_labels = ev.texts_and_labels(eval_split, None)
     seq_len = first.tokenizer.config.seq_len
-    real_texts = [t.encode("utf-8")[:seq_len].decode("utf-8", errors="ignore") for t in real_texts]
+    # Real rows: the first `count` non-empty held-out records, cut to the tokenizer's window like samples are.
+    keep = [i for i, t in enumerate(eval_texts) if t and t.strip()][:count]
+    real_texts = [eval_texts[i].encode("utf-8")[:seq_len].decode("utf-8", errors="ignore") for i in keep]
+    real_labels = [eval_labels[i] for i in keep] if eval_labels is not None else None
     ngram = ev.CharNgramModel(order=5).fit(train_texts)
     conditional = first.layout.conditional
     sentiment = None
     results = {"classifier": {}, "reconstruction": {}, "generation": {}, "text_samples": {}, "notes": []}
     if conditional:
-        sentiment = ev.SentimentClassifier(seed=seed).fit(*ev._texts_and_labels(train_split, None))
+        sentiment = ev.SentimentClassifier(seed=seed).fit(train_texts, train_labels)
         results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
     requested = list(real_labels) if conditional else None
     for variant, pipe in pipes.items():

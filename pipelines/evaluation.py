@@ -715,7 +715,6 @@ def texts_and_labels(split: Split, max_items: int | None = None) -> tuple[list[s
     return [t if t is not None else "" for t in texts], labels
 
 
-_texts_and_labels = texts_and_labels  # the name pipelines/compare.py calls
 
 
 def text_generation_metrics(texts: list[str], train_texts: list[str], ngram_model: CharNgramModel | None = None,
