@@ -179,16 +179,24 @@ class MetricsLogger:
 
 
 class NonFiniteGuard:
-    """Counts steps whose loss was not finite; stops the run after `limit` in a row."""
+    """Counts steps whose loss was not finite; stops the run after `limit` in a row.
 
-    def __init__(self, limit: int):
+    With several processes the verdict is agreed on by all of them (a step is skipped everywhere
+    when any process saw a non-finite loss), so DDP never waits on a backward that one rank skipped.
+    """
+
+    def __init__(self, limit: int, accelerator=None):
         self.limit = limit
+        self.accelerator = accelerator
         self.in_a_row = 0
         self.total = 0
 
     def check(self, loss: torch.Tensor) -> bool:
         """True when the step may proceed; False when it must be skipped."""
-        if bool(torch.isfinite(loss)):
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            finite = self.accelerator.gather(finite).min()
+        if bool(finite):
             self.in_a_row = 0
             return True
         self.in_a_row += 1

@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
 
     sampler = iter(StepBatchSampler(len(train_x), batch_size, args.seed, step,
                                     accelerator.process_index, accelerator.num_processes))
-    guard = NonFiniteGuard(args.max_nonfinite)
+    guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     every = {k: getattr(args, k) or defaults[k] for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
     unwrapped = accelerator.unwrap_model(prior)
     pipeline = make_pipeline(tokenizer, unwrapped, layout, class_names, args)
