@@ -120,6 +120,9 @@ def main(args: argparse.Namespace) -> None:
     in_channels = infer_channels(train_split) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
     _, train_set, eval_set = build_datasets(args, config)
+    skipped = {"train": getattr(train_set, "num_skipped", 0), "eval": getattr(eval_set, "num_skipped", 0)}
+    if any(skipped.values()):
+        accelerator.print(f"warning: --skip-corrupt skipped undecodable records: {skipped}")
     defaults = TOKENIZER_PRESETS[args.preset]["train"]
     batch_size = args.batch_size or defaults["batch_size"]
     learning_rate = args.learning_rate or defaults["learning_rate"]
@@ -155,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
                                          pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
                                          generator=torch.Generator().manual_seed(args.seed))
     fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
-    guard = NonFiniteGuard(args.max_nonfinite)
+    guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     log_every = args.log_every or defaults["log_every"]
     checkpoint_every = args.checkpoint_every or defaults["checkpoint_every"]
     sample_every = args.sample_every or defaults["sample_every"]
@@ -191,6 +194,8 @@ def main(args: argparse.Namespace) -> None:
         save_pretrained_atomic(unwrapped, output_dir)
         save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
         summary = evaluate_reconstruction(unwrapped, eval_set, accelerator.device)
+        if args.skip_corrupt:
+            summary["skipped_corrupt_records"] = skipped
         (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     logger.close()

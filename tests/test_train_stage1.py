@@ -168,6 +168,29 @@ def folder_without_image_column(tmp_path: Path) -> list[str]:
     return ["--dataset", str(folder)]
 
 
+def folder_with_a_corrupt_record(tmp_path: Path) -> list[str]:
+    """A local image data set (PNG bytes, ClassLabel) whose record 5 in each split is not an image."""
+    import io
+
+    import datasets
+    import numpy as np
+
+    def png(value: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["dark", "light"]))
+    for split, size in (("train", 32), ("test", 8)):
+        records = [{"bytes": png(7 * i), "path": None} for i in range(size)]
+        records[5] = {"bytes": b"not a png", "path": None}
+        data = {"image": records, "label": [i % 2 for i in range(size)]}
+        datasets.Dataset.from_dict(data, features=features).to_parquet(folder / f"{split}.parquet")
+    return ["--dataset", str(folder)]
+
+
 BAD_INPUT = {
     "missing-path": (lambda tmp: ["--dataset", str(tmp / "does-not-exist")], "does not exist"),
     "no-image-column": (folder_without_image_column,
@@ -175,6 +198,7 @@ BAD_INPUT = {
     "resolution": (lambda tmp: ["--resolution", "17"], "resolution=17 is not divisible"),
     "wrong-modality": (lambda tmp: ["--modality", "text"], "holds images; use --modality image"),
     "resume-without-checkpoint": (lambda tmp: ["--resume"], "holds no checkpoint"),
+    "corrupt-record": (folder_with_a_corrupt_record, "record 5: image could not be decoded"),
 }
 
 
@@ -191,6 +215,14 @@ def test_bad_input_is_a_one_line_error(train, tmp_path, capsys, make_argv, messa
     message_lines = [line for line in err.splitlines() if line.strip() and not re.search(r"\d+%\||examples/s", line)]
     assert len(message_lines) == 1 and message_lines[0].startswith("error: "), message_lines
     assert re.search(message, message_lines[0]), message_lines[0]
+
+
+def test_skip_corrupt_skips_and_counts(train, tmp_path):
+    out = train(tmp_path / "run", *folder_with_a_corrupt_record(tmp_path), "--variant", "vqvae", "--skip-corrupt")
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["skipped_corrupt_records"] == {"train": 1, "eval": 1}
+    assert results["num_examples"] == 7
+    assert VQModel.from_pretrained(out).config.class_names == ["dark", "light"]
 
 
 @pytest.mark.parametrize(
