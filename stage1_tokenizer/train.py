@@ -176,8 +176,9 @@ def main(args: argparse.Namespace) -> None:
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
-            accelerator.print(f"error: {guard.in_a_row} non-finite losses in a row at step {step}; "
-                              f"stopped and saved a checkpoint (lower the learning rate or check the data)")
+            if accelerator.is_main_process:
+                print(f"error: {guard.in_a_row} non-finite losses in a row at step {step}; stopped and saved "
+                      f"a checkpoint (lower the learning rate or check the data)", file=sys.stderr)
             sys.exit(1)
         if logs is not None and (step % log_every == 0 or step == args.max_steps):
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,

@@ -225,6 +225,16 @@ def test_skip_corrupt_skips_and_counts(train, tmp_path):
     assert VQModel.from_pretrained(out).config.class_names == ["dark", "light"]
 
 
+def test_non_finite_losses_stop_the_run_with_a_checkpoint(train, tmp_path, capsys):
+    # Adam moves every weight by about the learning rate: 1e38 overflows the next forward pass.
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path / "run", "--variant", "vqvae", "--learning-rate", "1e38", "--max-nonfinite", 1, steps=4)
+    assert exit_info.value.code == 1
+    assert "error: 1 non-finite losses in a row at step 2" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "manifest.json").is_file()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
