@@ -298,3 +298,34 @@ def test_text_discriminator_sees_soft_byte_embeddings():
     logits = torch.randn(2, 257, 16, requires_grad=True)
     discriminator(logits).mean().backward()
     assert logits.grad.abs().sum() > 0, "the generator gets a gradient through the soft embedding"
+
+
+# ---------------------------------------------------------------- perceptual backends
+
+
+def test_random_vgg_is_seeded_and_leaves_the_global_rng_alone():
+    from stage1_tokenizer.losses import RandomVGGPerceptualLoss
+
+    state = torch.random.get_rng_state()
+    first, second = RandomVGGPerceptualLoss(depth=1), RandomVGGPerceptualLoss(depth=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in first.parameters())
+    x = images(2)
+    assert float(first(x, x)) == 0.0 and float(first(x, -x)) > 0.0
+
+
+def test_lpips_without_weights_says_how_to_proceed(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api
+
+    from stage1_tokenizer.losses import build_perceptual
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(ValueError, match="perceptual_backend='lpips'.*--perceptual random-vgg"):
+        build_perceptual("lpips")
