@@ -212,6 +212,15 @@ class VQConfig(PretrainedConfig):
             raise ValueError(f"perceptual_depth={self.perceptual_depth!r} must be 1..5 (VGG16 blocks before a tap)")
         if self.disc_start < 0:
             raise ValueError(f"disc_start={self.disc_start!r} must be >= 0")
+        if self.variant == "vqgan":
+            # Each of the PatchGAN's disc_layers halves the side, then two 4x4 stride-1 convs take 2 more.
+            side_name = "resolution" if self.modality == "image" else "seq_len"
+            side = getattr(self, side_name)
+            if side // 2**self.disc_layers < 3:
+                raise ValueError(
+                    f"disc_layers={self.disc_layers} is too deep for {side_name}={side}: the discriminator "
+                    f"needs {side_name} >= 3 * 2 ** disc_layers = {3 * 2**self.disc_layers}"
+                )
         if self.adaptive_weight_max <= 0:
             raise ValueError(f"adaptive_weight_max={self.adaptive_weight_max!r} must be > 0")
 

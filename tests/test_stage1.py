@@ -44,6 +44,8 @@ def images(batch: int = 4) -> torch.Tensor:
         (dict(perceptual_backend="vgg"), "perceptual_backend"),
         (dict(in_channels=2), "in_channels"),
         (dict(num_groups=3), "num_groups"),
+        (dict(variant="vqgan", disc_layers=3), "disc_layers=3 is too deep for resolution=16"),
+        (dict(variant="vqgan", modality="text", disc_layers=3), "disc_layers=3 is too deep for seq_len=16"),
     ],
 )
 def test_config_rejects_bad_fields_naming_them(fields, named):
