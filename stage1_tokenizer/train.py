@@ -51,11 +51,19 @@ def build_datasets(args, config_probe: VQConfig):
     return train_split, make(train_split), make(eval_split)
 
 
-def infer_channels(split) -> int:
-    """1 for grey data sets, 3 for colour ones (from the first record)."""
+def infer_channels(split, skip_corrupt: bool = False) -> int:
+    """1 for grey data sets, 3 for colour ones (from the first decodable record when skipping corrupt ones)."""
     from .data import decode_image
 
-    return 1 if decode_image(split.records[0][split.column], 0).mode in ("L", "1", "I", "I;16", "F") else 3
+    for index in range(len(split)):
+        try:
+            image = decode_image(split.records[index][split.column], index)
+        except DataError:
+            if skip_corrupt:
+                continue
+            raise
+        return 1 if image.mode in ("L", "1", "I", "I;16", "F") else 3
+    raise DataError(f"every record of data set {split.name!r} is corrupt")
 
 
 @torch.no_grad()
@@ -117,7 +125,7 @@ def main(args: argparse.Namespace) -> None:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     train_split = load_split(args.dataset, "train", args.modality)
-    in_channels = infer_channels(train_split) if args.modality == "image" else None
+    in_channels = infer_channels(train_split, args.skip_corrupt) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
     _, train_set, eval_set = build_datasets(args, config)
     skipped = {"train": getattr(train_set, "num_skipped", 0), "eval": getattr(eval_set, "num_skipped", 0)}

@@ -168,8 +168,8 @@ def folder_without_image_column(tmp_path: Path) -> list[str]:
     return ["--dataset", str(folder)]
 
 
-def folder_with_a_corrupt_record(tmp_path: Path) -> list[str]:
-    """A local image data set (PNG bytes, ClassLabel) whose record 5 in each split is not an image."""
+def folder_with_a_corrupt_record(tmp_path: Path, corrupt: tuple[int, ...] = (5,)) -> list[str]:
+    """A local image data set (PNG bytes, ClassLabel) whose records `corrupt` in each split are not images."""
     import io
 
     import datasets
@@ -185,7 +185,8 @@ def folder_with_a_corrupt_record(tmp_path: Path) -> list[str]:
     features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=["dark", "light"]))
     for split, size in (("train", 32), ("test", 8)):
         records = [{"bytes": png(7 * i), "path": None} for i in range(size)]
-        records[5] = {"bytes": b"not a png", "path": None}
+        for index in corrupt:
+            records[index] = {"bytes": b"not a png", "path": None}
         data = {"image": records, "label": [i % 2 for i in range(size)]}
         datasets.Dataset.from_dict(data, features=features).to_parquet(folder / f"{split}.parquet")
     return ["--dataset", str(folder)]
@@ -218,10 +219,12 @@ def test_bad_input_is_a_one_line_error(train, tmp_path, capsys, make_argv, messa
 
 
 def test_skip_corrupt_skips_and_counts(train, tmp_path):
-    out = train(tmp_path / "run", *folder_with_a_corrupt_record(tmp_path), "--variant", "vqvae", "--skip-corrupt")
+    # Record 0 too: the channel count must come from the first record that decodes.
+    dataset = folder_with_a_corrupt_record(tmp_path, corrupt=(0, 5))
+    out = train(tmp_path / "run", *dataset, "--variant", "vqvae", "--skip-corrupt")
     results = json.loads((out / "eval_results.json").read_text())
-    assert results["skipped_corrupt_records"] == {"train": 1, "eval": 1}
-    assert results["num_examples"] == 7
+    assert results["skipped_corrupt_records"] == {"train": 2, "eval": 2}
+    assert results["num_examples"] == 6
     assert VQModel.from_pretrained(out).config.class_names == ["dark", "light"]
 
 
