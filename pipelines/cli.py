@@ -44,8 +44,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     from .pipeline import VQPipeline
 
+    from huggingface_hub.errors import HfHubHTTPError
+
     pipe = VQPipeline.from_pretrained(args.pipeline)
-    url = pipe.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    try:
+        url = pipe.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    except HfHubHTTPError as error:  # e.g. 401 without a token, 403 without write access: one line, not a traceback
+        reason = " ".join(line.strip() for line in str(error).splitlines()
+                          if line.strip() and not line.startswith("For more information"))
+        hint = " (pass --token or set HF_TOKEN)" if "401" in reason else ""
+        raise ValueError(f"could not push to {args.repo_id!r}: {reason}{hint}") from error
     print(f"pushed {args.pipeline} to {args.repo_id}: {url}")
 
 

@@ -43,7 +43,7 @@ def write_model_card(pipeline, root: Path) -> Path:
     lines = yaml + [
         f"# vqgen pipeline: {VARIANT_NAMES[config.variant]} tokenizer + GPT prior",
         "",
-        f"A two-stage {config.modality} generator trained with [vqgen]: a {VARIANT_NAMES[config.variant]} tokenizer "
+        f"A two-stage {config.modality} generator trained with vqgen: a {VARIANT_NAMES[config.variant]} tokenizer "
         f"turns each sample into a {shape} grid of codes from a {config.codebook_size}-entry codebook, and a "
         f"Llama-style transformer prior generates those codes autoregressively"
         + (f", conditioned on {layout.num_classes} classes (classifier-free guidance supported)." if layout.conditional

@@ -85,10 +85,12 @@ def _check_weights(folder: Path, what: str) -> None:
 
 
 def _load_model(cls, folder: Path, what: str):
+    from safetensors import SafetensorError
+
     _check_weights(folder, what)
     try:
         return cls.from_pretrained(str(folder), use_safetensors=True)
-    except (OSError, RuntimeError, ValueError) as error:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         raise ValueError(f"{what} weights in {folder} could not be loaded ({type(error).__name__}: {error}); "
                          "the file may be truncated or corrupt") from error
 
@@ -324,6 +326,11 @@ def _download(repo_id: str, revision: str | None, token: str | None, cache_dir: 
 
     if repo_id.startswith((".", "/", "~")) or repo_id.count("/") > 1:
         raise FileNotFoundError(f"pipeline folder {repo_id!r} does not exist")
-    path = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                             allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"])
+    try:
+        path = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                 allow_patterns=["*.json", "*.safetensors", "*.md", "*.png"])
+    except OSError as error:  # RepositoryNotFoundError, RevisionNotFoundError, offline, ... (all OSErrors)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise FileNotFoundError(f"{repo_id!r} is not a local pipeline folder and could not be downloaded from the "
+                                f"Hub ({type(error).__name__}: {reason})") from error
     return Path(path)

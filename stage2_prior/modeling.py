@@ -92,16 +92,16 @@ def build_prior(preset: str, layout: TokenLayout, **overrides) -> LlamaForCausal
     return LlamaForCausalLM(config)
 
 
-_CACHE_KWARG: str | None = None
+_CACHE_KWARG: dict[type, str] = {}  # per model class: one global answer would be wrong for a second class
 
 
 def cache_kwarg(model: PreTrainedModel) -> str:
     """Name of the KV-cache argument of the model's forward ('cache' in transformers >= 5.x, else 'past_key_values')."""
-    global _CACHE_KWARG
-    if _CACHE_KWARG is None:
-        params = inspect.signature(type(model).forward).parameters
-        _CACHE_KWARG = "cache" if "cache" in params else "past_key_values"
-    return _CACHE_KWARG
+    cls = type(model)
+    if cls not in _CACHE_KWARG:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KWARG[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[cls]
 
 
 def output_cache(outputs) -> Any:
