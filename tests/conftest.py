@@ -60,3 +60,43 @@ def offline_env(monkeypatch) -> dict[str, str]:
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     return dict(os.environ)
+
+
+# ------------------------------------------------- stage 2 and pipelines (test_stage2 / test_pipeline / test_cli)
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def code_cache_dir(tmp_path_factory) -> Path:
+    """One on-disk code cache for the session's stage-2 training runs (never ~/.cache/vqgen)."""
+    return tmp_path_factory.mktemp("code-cache")
+
+
+@pytest.fixture(scope="session")
+def pipeline_tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny VQ-VAE tokenizer on digits (2 in-process training steps), built once per session; read-only."""
+    from stage1_tokenizer.train import cli
+
+    out = tmp_path_factory.mktemp("stage2-tokenizer") / "tokenizer"
+    _reset_accelerate()
+    cli(["--dataset", "digits", "--variant", "vqvae", "--preset", "tiny", "--max-steps", "2", "--output-dir", str(out)])
+    _reset_accelerate()
+    return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_dir(tmp_path_factory, pipeline_tokenizer_dir, code_cache_dir) -> Path:
+    """A class-conditional pipeline folder written by `stage2_prior.train.cli` (tiny preset, 6 steps); read-only."""
+    from stage2_prior.train import cli
+
+    out = tmp_path_factory.mktemp("stage2-pipeline") / "pipeline"
+    _reset_accelerate()
+    cli(["--tokenizer", str(pipeline_tokenizer_dir), "--dataset", "digits", "--preset", "tiny", "--max-steps", "6",
+         "--batch-size", "16", "--class-conditional", "--output-dir", str(out), "--cache-dir", str(code_cache_dir),
+         "--max-eval-items", "64"])
+    _reset_accelerate()
+    return out
