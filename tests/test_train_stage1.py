@@ -114,7 +114,7 @@ def test_accelerate_launch(tmp_path, offline_env):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                "-m", "stage1_tokenizer.train", "--dataset", "digits", "--variant", "vqvae", "--preset", "tiny",
                "--max-steps", "2", "--output-dir", str(out)]
-    result = subprocess.run(command, cwd=tmp_path, env=offline_env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert json.loads((out / "eval_results.json").read_text())["num_examples"] == DIGITS_TEST_SIZE
@@ -255,10 +255,3 @@ def test_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
     assert message in err.splitlines()[-1] and "error:" in err.splitlines()[-1]
     assert "Traceback" not in err
 
-
-def test_bad_input_from_a_real_process_has_no_traceback(tmp_path, offline_env):
-    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(tmp_path / "missing"),
-               "--max-steps", "2", "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: data set path {str(tmp_path / 'missing')!r} does not exist"]
