@@ -59,11 +59,12 @@ def validation_loss(accelerator, prior, layout, codes, labels, conditional, batc
     return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
 
 
-def save_sample_grid(pipeline, path: Path, seed: int, per_class: int = 8) -> None:
-    """A grid (one row per class when conditional) or a text file of samples from the current prior."""
+def save_sample_grid(pipeline, path: Path, seed: int, per_class: int = 8):
+    """Write a grid (one row per class when conditional) or a text file of samples; return the PIL grid (images)."""
     labels = pipeline.class_grid_labels(per_class)
     out = pipeline.generate(num_samples=len(labels) if labels else 16, class_labels=labels, seed=seed)
     out.save(path, nrow=per_class if labels else None)
+    return out.grid(nrow=per_class if labels else None) if out.images is not None else None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -89,8 +90,10 @@ def main(args: argparse.Namespace) -> None:
     prior = build_prior(args.preset, layout)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate or defaults["learning_rate"],
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warmup = min(args.warmup_steps if args.warmup_steps is not None else defaults["warmup_steps"], args.max_steps)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, args.max_steps)
+    # The cosine spans --decay-steps (default --max-steps); fix it to extend a run later bit-identically.
+    decay_steps = args.decay_steps or args.max_steps
+    warmup = min(args.warmup_steps if args.warmup_steps is not None else defaults["warmup_steps"], decay_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, decay_steps)
     prior, optimizer, scheduler = accelerator.prepare(prior, optimizer, scheduler)
 
     step = 0
@@ -152,8 +155,8 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         final = validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional)
         pipeline.metadata["prior_metrics"] = final
-        save_sample_grid(pipeline, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
-        pipeline.save_pretrained(output_dir)
+        grid = save_sample_grid(pipeline, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
+        pipeline.save_pretrained(output_dir, sample_grid=grid)
         accelerator.print(f"validation: {final['val_nll']:.4f} nats/code, {final['val_bits_per_code']:.4f} bits/code")
     logger.close()
     accelerator.end_training()
@@ -181,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--decay-steps", type=int,
+                        help="length of the cosine learning-rate decay (default: --max-steps); set it when a run "
+                             "will be extended with --resume so the schedule does not depend on --max-steps")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
     parser.add_argument("--grad-clip", type=float, default=1.0)
@@ -195,7 +201,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--max-nonfinite", type=int, default=20)
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
+    for name in ("max_steps", "decay_steps", "batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
                  "keep_checkpoints", "max_nonfinite", "max_eval_items"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -325,6 +325,20 @@ def test_resume_after_interruption_is_exact(pipeline_tokenizer_dir, code_cache_d
     assert [step for step, _ in losses(tmp_path / "straight")] == list(range(1, 9))
 
 
+def test_extending_a_finished_run_is_exact(pipeline_tokenizer_dir, code_cache_dir, tmp_path, fresh_accelerate_state):
+    """A 4-step run continued with --resume --max-steps 8 equals a straight 8-step run when --decay-steps is fixed."""
+    args = (pipeline_tokenizer_dir, code_cache_dir)
+    _train(*args, tmp_path / "straight", "--max-steps", "8", "--decay-steps", "8", "--mixed-precision", "no")
+    fresh_accelerate_state()
+    _train(*args, tmp_path / "extended", "--max-steps", "4", "--decay-steps", "8", "--mixed-precision", "no")
+    fresh_accelerate_state()
+    _train(*args, tmp_path / "extended", "--max-steps", "8", "--decay-steps", "8", "--mixed-precision", "no",
+           "--resume")
+    straight = load_file(tmp_path / "straight" / "prior" / "model.safetensors")
+    extended = load_file(tmp_path / "extended" / "prior" / "model.safetensors")
+    assert all(torch.equal(straight[name], extended[name]) for name in straight)
+
+
 def test_train_cli_bad_input_exits_2(pipeline_tokenizer_dir, code_cache_dir, tmp_path, capsys, fresh_accelerate_state):
     with pytest.raises(SystemExit) as stop:
         prior_train.cli(["--tokenizer", str(tmp_path / "no-tokenizer"), "--max-steps", "2",
