@@ -20,7 +20,7 @@ from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, T
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .train_utils import (
-    CheckpointError, MetricsLogger, NonFiniteGuard, mixed_precision_mode, resume_checkpoint, save_checkpoint,
+    CheckpointError, MetricsLogger, NonFiniteGuard, reduce_logs, mixed_precision_mode, resume_checkpoint, save_checkpoint,
     save_pretrained_atomic, tune_allocator,
 )
 
@@ -40,15 +40,14 @@ def build_config(args, in_channels: int | None, class_names: list[str] | None) -
     return VQConfig.from_preset(args.preset, **overrides)
 
 
-def build_datasets(args, config_probe: VQConfig):
-    """Training and evaluation datasets for the modality."""
-    train_split = load_split(args.dataset, "train", args.modality)
+def build_datasets(args, config: VQConfig, train_split):
+    """Training and evaluation datasets for the modality (the train split is already loaded)."""
     eval_split = load_split(args.dataset, "eval", args.modality)
     if args.modality == "image":
-        make = lambda split: ImageDataset(split, config_probe.resolution, config_probe.in_channels, args.skip_corrupt)
+        make = lambda split: ImageDataset(split, config.resolution, config.in_channels, args.skip_corrupt)
     else:
-        make = lambda split: TextWindowDataset(split, config_probe.seq_len)
-    return train_split, make(train_split), make(eval_split)
+        make = lambda split: TextWindowDataset(split, config.seq_len)
+    return make(train_split), make(eval_split)
 
 
 def infer_channels(split, skip_corrupt: bool = False) -> int:
@@ -127,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     train_split = load_split(args.dataset, "train", args.modality)
     in_channels = infer_channels(train_split, args.skip_corrupt) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
-    _, train_set, eval_set = build_datasets(args, config)
+    train_set, eval_set = build_datasets(args, config, train_split)
     skipped = {"train": getattr(train_set, "num_skipped", 0), "eval": getattr(eval_set, "num_skipped", 0)}
     if any(skipped.values()):
         accelerator.print(f"warning: --skip-corrupt skipped undecodable records: {skipped}")
@@ -189,6 +188,7 @@ def main(args: argparse.Namespace) -> None:
                       f"a checkpoint (lower the learning rate or check the data)", file=sys.stderr)
             sys.exit(1)
         if logs is not None and (step % log_every == 0 or step == args.max_steps):
+            logs = reduce_logs(accelerator, logs)
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
                                     "nonfinite_skipped": guard.total})
             progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, output_dir)
         save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
-        summary = evaluate_reconstruction(unwrapped, eval_set, accelerator.device)
+        summary = evaluate_reconstruction(unwrapped, eval_set, accelerator.device, max_items=args.max_eval_items)
         if args.skip_corrupt:
             summary["skipped_corrupt_records"] = skipped
         (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
@@ -212,7 +212,7 @@ def main(args: argparse.Namespace) -> None:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: VQModel, dataset, device, batch_size: int = 256) -> dict:
+def evaluate_reconstruction(model: VQModel, dataset, device, batch_size: int = 256, max_items: int | None = None) -> dict:
     """Codebook usage/perplexity and PSNR (images) or byte accuracy (text) over the evaluation split."""
     from .quantizer import usage_from_counts
 
@@ -220,8 +220,9 @@ def evaluate_reconstruction(model: VQModel, dataset, device, batch_size: int = 2
     counts = torch.zeros(model.config.codebook_size)
     squared_error, correct, total = 0.0, 0, 0
     psnrs = []
-    for start in range(0, len(dataset), batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
+    count = len(dataset) if max_items is None else min(max_items, len(dataset))
+    for start in range(0, count, batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, count))]).to(device)
         codes = model.encode(batch)
         counts += torch.bincount(codes.flatten().cpu(), minlength=model.config.codebook_size).float()
         out = model.decode(codes).float()
@@ -271,8 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
+    parser.add_argument("--max-eval-items", type=int, help="evaluate on at most this many test records (default: all)")
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite"):
+    for name in ("max_steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
+                 "max_eval_items"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")

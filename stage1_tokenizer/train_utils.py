@@ -137,6 +137,14 @@ def save_pretrained_atomic(model, output_dir: Path) -> None:
     staging.rmdir()
 
 
+def reduce_logs(accelerator, logs: dict) -> dict:
+    """Average tensor-valued metrics over all processes (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return logs
+    return {k: accelerator.reduce(v.detach().float().reshape(()), reduction="mean") if isinstance(v, torch.Tensor) else v
+            for k, v in sorted(logs.items())}
+
+
 class MetricsLogger:
     """Appends one JSON object per logged step to metrics.jsonl (and tensorboard when installed)."""
 
