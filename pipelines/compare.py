@@ -23,11 +23,11 @@ DEFAULT_DATASETS = {"image": "digits", "text": "python-docs"}
 # Everything both variants share; only the objective differs between them.
 BUDGETS: dict[str, dict] = {
     # Offline on 2 CPU cores in a few minutes (digits: 16x16 -> 8x8 codes).
-    "quick": dict(tokenizer_preset="tiny", tokenizer_steps=600, tokenizer_batch=32, disc_start=200,
-                  prior_preset="tiny", prior_steps=600, num_eval_samples=360, guidance_scale=2.0),
+    "quick": dict(tokenizer_preset="tiny", tokenizer_steps=800, tokenizer_batch=32, disc_start=250,
+                  prior_preset="tiny", prior_steps=1500, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST on 2 CPU cores in under an hour (32x32 -> 8x8 codes).
-    "standard": dict(tokenizer_preset="small", tokenizer_steps=1500, tokenizer_batch=64, disc_start=500,
-                     prior_preset="small", prior_steps=1500, num_eval_samples=1000, guidance_scale=2.0),
+    "standard": dict(tokenizer_preset="small", tokenizer_steps=1200, tokenizer_batch=64, disc_start=400,
+                     prior_preset="small", prior_steps=1200, num_eval_samples=1000, guidance_scale=2.0),
 }
 
 
