@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, T
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .train_utils import (
-    CheckpointError, MetricsLogger, NonFiniteGuard, reduce_logs, mixed_precision_mode, resume_checkpoint, save_checkpoint,
+    MetricsLogger, NonFiniteGuard, reduce_logs, run_cli, mixed_precision_mode, resume_checkpoint, save_checkpoint,
     save_pretrained_atomic, tune_allocator,
 )
 
@@ -183,10 +182,7 @@ def main(args: argparse.Namespace) -> None:
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
-            if accelerator.is_main_process:
-                print(f"error: {guard.in_a_row} non-finite losses in a row at step {step}; stopped and saved "
-                      f"a checkpoint (lower the learning rate or check the data)", file=sys.stderr)
-            sys.exit(1)
+            raise guard.stop(step, "lower the learning rate or check the data")
         if logs is not None and (step % log_every == 0 or step == args.max_steps):
             logs = reduce_logs(accelerator, logs)
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
@@ -284,12 +280,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def cli(argv: list[str] | None = None) -> None:
     """Entry point: argument errors and bad input end in a one-line message and exit status 2."""
-    args = parse_args(argv)
-    try:
-        main(args)
-    except (DataError, ValueError, FileNotFoundError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, parse_args(argv))
 
 
 if __name__ == "__main__":

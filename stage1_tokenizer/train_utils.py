@@ -19,6 +19,26 @@ CHECKPOINT_PREFIX = "step_"
 class CheckpointError(RuntimeError):
     """No usable checkpoint to resume from."""
 
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run saved a checkpoint and stopped."""
+
+
+# Errors caused by the user's input or data: reported in one line, never as a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
+
+
+def run_cli(main, args) -> None:
+    """Run a training `main(args)`: bad input exits 2 and a non-finite stop exits 1, each with one `error:` line."""
+    try:
+        main(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
 MANIFEST = "manifest.json"
 
 
@@ -214,3 +234,8 @@ class NonFiniteGuard:
     @property
     def exhausted(self) -> bool:
         return self.in_a_row >= self.limit
+
+    def stop(self, step: int, hint: str) -> NonFiniteLossError:
+        """The error to raise once `exhausted` (after saving a checkpoint)."""
+        return NonFiniteLossError(f"{self.in_a_row} non-finite losses in a row at step {step}; stopped and saved "
+                                  f"a checkpoint ({hint})")

@@ -18,7 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 from stage1_tokenizer.data import BUILTIN_DATASETS, DataError, StepBatchSampler
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.train_utils import (
-    CheckpointError, MetricsLogger, NonFiniteGuard, mixed_precision_mode, resume_checkpoint, save_checkpoint,
+    MetricsLogger, NonFiniteGuard, mixed_precision_mode, resume_checkpoint, run_cli, save_checkpoint,
     tune_allocator,
 )
 
@@ -133,9 +133,7 @@ def main(args: argparse.Namespace) -> None:
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
-            accelerator.print(f"error: {guard.in_a_row} non-finite losses in a row at step {step}; stopped and "
-                              "saved a checkpoint (lower the learning rate)")
-            sys.exit(1)
+            raise guard.stop(step, "lower the learning rate")
         row = {}
         if step % every["eval_every"] == 0 or step == args.max_steps:
             row.update(validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional))
@@ -217,11 +215,7 @@ def cli(argv: list[str] | None = None) -> None:
     if not Path(args.tokenizer).is_dir():
         print(f"error: --tokenizer {args.tokenizer!r} is not a folder", file=sys.stderr)
         sys.exit(2)
-    try:
-        main(args)
-    except (DataError, ValueError, FileNotFoundError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main, args)
 
 
 if __name__ == "__main__":
