@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stage1_tokenizer.data import load_split
+from stage1_tokenizer.data import load_split, text_dataset
+from stage1_tokenizer.modeling_text import bytes_to_strings
 
 from . import evaluation as ev
 from .pipeline import VQPipeline
@@ -166,14 +167,12 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, budget: dict, see
     first = next(iter(pipes.values()))
     count = budget["num_eval_samples"]
     train_split = load_split(dataset, "train", "text")
-    eval_split = load_split(dataset, "eval", "text")
     train_texts, train_labels = ev.texts_and_labels(train_split, None)
-    eval_texts, eval_labels = ev.texts_and_labels(eval_split, None)
-    seq_len = first.tokenizer.config.seq_len
-    # Real rows: the first `count` non-empty held-out records, cut to the tokenizer's window like samples are.
-    keep = [i for i, t in enumerate(eval_texts) if t and t.strip()][:count]
-    real_texts = [eval_texts[i].encode("utf-8")[:seq_len].decode("utf-8", errors="ignore") for i in keep]
-    real_labels = [eval_labels[i] for i in keep] if eval_labels is not None else None
+    # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows).
+    held_out = text_dataset(load_split(dataset, "eval", "text"), first.tokenizer.config.seq_len)
+    count = min(count, len(held_out))
+    real_texts = bytes_to_strings(held_out.windows[:count])
+    real_labels = held_out.labels[:count].tolist() if held_out.has_labels else None
     ngram = ev.CharNgramModel(order=5).fit(train_texts)
     conditional = first.layout.conditional
     sentiment = None

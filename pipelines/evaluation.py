@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage1_tokenizer.configuration import PAD_BYTE
-from stage1_tokenizer.data import ImageDataset, Split, TextWindowDataset, load_split, to_square
+from stage1_tokenizer.data import ImageDataset, Split, load_split, text_dataset, to_square
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.quantizer import usage_from_counts
 
@@ -455,7 +455,7 @@ def _eval_items(model: VQModel, dataset) -> torch.utils.data.Dataset:
     if isinstance(dataset, Split):
         if config.modality == "image":
             return ImageDataset(dataset, config.resolution, config.in_channels)
-        return TextWindowDataset(dataset, config.seq_len, mode="records")
+        return text_dataset(dataset, config.seq_len)
     if isinstance(dataset, torch.utils.data.Dataset):
         return dataset
     raise TypeError(f"dataset must be a name/path, a Split or a torch Dataset, got {type(dataset).__name__}")

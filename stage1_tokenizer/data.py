@@ -260,3 +260,9 @@ class TextWindowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.windows[index], int(self.labels[index])
+
+
+def text_dataset(split: Split, seq_len: int) -> TextWindowDataset:
+    """The one rule for text everywhere: labelled data one record per sequence (each keeps its label),
+    unlabelled data as contiguous windows."""
+    return TextWindowDataset(split, seq_len, "records" if split.class_names is not None else "windows")

@@ -15,7 +15,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .configuration import TOKENIZER_PRESETS, VARIANTS, VQConfig
-from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, TextWindowDataset, load_split
+from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .train_utils import (
@@ -45,7 +45,7 @@ def build_datasets(args, config: VQConfig, train_split):
     if args.modality == "image":
         make = lambda split: ImageDataset(split, config.resolution, config.in_channels, args.skip_corrupt)
     else:
-        make = lambda split: TextWindowDataset(split, config.seq_len)
+        make = lambda split: text_dataset(split, config.seq_len)
     return make(train_split), make(eval_split)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from stage1_tokenizer.data import ImageDataset, TextWindowDataset, load_split
+from stage1_tokenizer.data import ImageDataset, load_split, text_dataset
 from stage1_tokenizer.modeling import VQModel
 
 DEFAULT_CACHE = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "codes"
@@ -25,15 +25,13 @@ def tokenizer_fingerprint(tokenizer: VQModel) -> str:
     return hasher.hexdigest()[:16]
 
 
-def source_dataset(tokenizer: VQModel, dataset: str, split: str, labelled_text_records: bool = True):
-    """The stage-1 dataset a split is encoded from (images, or text windows / per-record text)."""
+def source_dataset(tokenizer: VQModel, dataset: str, split: str):
+    """The stage-1 dataset a split is encoded from (images, or text records / windows)."""
     config = tokenizer.config
     data = load_split(dataset, split, config.modality)
     if config.modality == "image":
         return data, ImageDataset(data, config.resolution, config.in_channels)
-    # Labelled text is encoded one record per sequence, so each sequence keeps its label.
-    mode = "records" if (data.class_names is not None and labelled_text_records) or split == "eval" else "windows"
-    return data, TextWindowDataset(data, config.seq_len, mode)
+    return data, text_dataset(data, config.seq_len)
 
 
 def build_code_cache(
