@@ -279,7 +279,8 @@ def test_reconstruction_metrics_of_a_perfect_image_tokenizer(monkeypatch, digits
 def test_text_reconstruction_ignores_pad_positions(monkeypatch):
     model = VQModel(VQConfig.from_preset("tiny", modality="text"))
     texts = ["def f(x):", "return x + 1", "a much longer line that runs past the window of 32 bytes"]
-    split = E.Split([{"text": t} for t in texts], "text", None, "fixture", "fixture")
+    # Labelled text is evaluated one record per sequence (pads after each record's text).
+    split = E.Split([{"text": t, "label": 0} for t in texts], "text", ["only"], "fixture", "fixture")
     seen = {}
 
     def encode(inputs):
