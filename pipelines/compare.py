@@ -251,6 +251,10 @@ def run_compare(dataset: str | None, modality: str, budget: str, output_dir: Pat
         elapsed_seconds=time.time() - started, library_versions=pipes["vqvae"].config_dict()["library_versions"],
         **{k: v for k, v in settings.items()},
     )
+    for variant, pipe in pipes.items():  # the model cards state what the comparison measured
+        pipe.metadata["evaluation_metrics"] = {
+            group: results[group][variant] for group in ("reconstruction", "generation") if variant in results[group]}
+        pipe.save_metadata(output_dir / "pipelines" / variant)
     (output_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=float))
     html, markdown = write_report(output_dir, results)
     print(f"wrote {html}, {markdown} and {output_dir / 'metrics.json'}")

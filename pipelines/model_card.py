@@ -8,13 +8,14 @@ from pathlib import Path
 VARIANT_NAMES = {"vqvae": "VQ-VAE (van den Oord et al., 2017)", "vqgan": "VQGAN (Esser et al., 2021)"}
 
 
-def _metric_rows(metrics: dict) -> list[str]:
+def _metric_rows(metrics: dict, prefix: str = "") -> list[str]:
+    """Markdown table rows `| group | metric | value |`, flattening nested groups (e.g. evaluation -> generation)."""
     rows = []
-    for group, values in metrics.items():
-        if isinstance(values, dict):
-            rows += [f"| {group} | {key} | {_fmt(value)} |" for key, value in values.items() if _is_number(value)]
-        elif _is_number(values):
-            rows.append(f"| - | {group} | {_fmt(values)} |")
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            rows += _metric_rows(value, f"{prefix}{key.removesuffix('_metrics')} / ")
+        elif _is_number(value):
+            rows.append(f"| {prefix.rstrip(' /') or '-'} | {key} | {_fmt(value)} |")
     return rows
 
 

@@ -248,25 +248,37 @@ class VQPipeline:
 
     def save_pretrained(self, save_directory: str | os.PathLike, sample_grid: Image.Image | None = None) -> Path:
         """Write pipeline_config.json, tokenizer/, prior/, a sample grid and the README.md model card."""
-        from .model_card import write_model_card
-
         root = Path(save_directory)
         root.mkdir(parents=True, exist_ok=True)
         for name, model in (("tokenizer", self.tokenizer), ("prior", self.prior)):
             staging = root / f".tmp-{name}"
             shutil.rmtree(staging, ignore_errors=True)
             model.save_pretrained(str(staging), safe_serialization=True)
-            shutil.rmtree(root / name, ignore_errors=True)
+            # Move the old folder aside before the new one takes its place: never a moment without weights.
+            retired = root / f".old-{name}"
+            shutil.rmtree(retired, ignore_errors=True)
+            if (root / name).exists():
+                os.replace(root / name, retired)
             os.replace(staging, root / name)
-        (root / PIPELINE_CONFIG).write_text(json.dumps(self.config_dict(), indent=2))
+            shutil.rmtree(retired, ignore_errors=True)
         if sample_grid is None and self.modality == "image":
             labels = self.class_grid_labels(8)
             out = self.generate(num_samples=len(labels) if labels else 16, class_labels=labels, seed=0)
             sample_grid = out.grid(nrow=8 if labels else None)
         if sample_grid is not None:
             sample_grid.save(root / SAMPLE_GRID)
-        write_model_card(self, root)
+        self.save_metadata(root)
         return root
+
+    def save_metadata(self, save_directory: str | os.PathLike) -> None:
+        """Rewrite pipeline_config.json and the README.md model card (e.g. after evaluation added metrics)."""
+        from .model_card import write_model_card
+
+        root = Path(save_directory)
+        staging = root / f".tmp-{PIPELINE_CONFIG}"
+        staging.write_text(json.dumps(self.config_dict(), indent=2, default=float))
+        os.replace(staging, root / PIPELINE_CONFIG)
+        write_model_card(self, root)
 
     def class_grid_labels(self, per_class: int = 8) -> list[int] | None:
         """Labels for a grid with one row of `per_class` samples per class (None when unconditional)."""

@@ -281,3 +281,16 @@ def test_push_to_hub_needs_a_token(pipe, tmp_path):
 def test_unknown_repo_is_a_clear_error(local_hub, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local pipeline folder and could not be downloaded"):
         VQPipeline.from_pretrained(f"{local_hub.user}/no-such-pipeline", cache_dir=str(tmp_path / "cache"))
+
+
+def test_save_metadata_puts_evaluation_metrics_in_the_card(pipeline_copy):
+    pipe = VQPipeline.from_pretrained(pipeline_copy)
+    weights = (pipeline_copy / "prior" / "model.safetensors").read_bytes()
+    pipe.metadata["evaluation_metrics"] = {"generation": {"fd_classifier": 12.5, "class_accuracy": 0.75}}
+    pipe.save_metadata(pipeline_copy)
+    card = (pipeline_copy / "README.md").read_text()
+    assert "| evaluation / generation | fd_classifier | 12.5 |" in card
+    assert "| evaluation / generation | class_accuracy | 0.75 |" in card
+    reloaded = VQPipeline.from_pretrained(pipeline_copy)
+    assert reloaded.metadata["evaluation_metrics"]["generation"]["fd_classifier"] == 12.5
+    assert (pipeline_copy / "prior" / "model.safetensors").read_bytes() == weights  # weights untouched
