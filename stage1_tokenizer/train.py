@@ -19,8 +19,8 @@ from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, l
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, reduce_logs, run_cli, mixed_precision_mode, resume_checkpoint, save_checkpoint,
-    save_pretrained_atomic, tune_allocator,
+    MetricsLogger, NonFiniteGuard, check_compile_available, reduce_logs, run_cli, mixed_precision_mode,
+    resume_checkpoint, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
 
 
@@ -87,6 +87,34 @@ def hflip(images: torch.Tensor, step: int, seed: int) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
 
 
+def compile_autoencoder(model: VQModel) -> None:
+    """torch.compile the encoder and the decoder's trunk, in place (--compile)."""
+    # The quantizer (data-dependent k-means init and code restarts) stays eager, and so does the decoder's
+    # output conv: the adaptive GAN weight differentiates w.r.t. its weight, and a compiled backward cannot
+    # stop there (it would rerun the whole decoder's backward for it).
+    check_compile_available()
+    decoder = getattr(model.decoder, "net", model.decoder)  # the text decoder wraps the conv decoder
+    for module in (model.encoder, decoder.mid, decoder.up):
+        module.compile()
+
+
+def build_models(accelerator, config: VQConfig, learning_rate: float, disc_learning_rate: float,
+                 compile_model: bool = False):
+    """Autoencoder, objective and Adam optimizers, prepared: (model, objective, wrapped_disc, (ae_opt, disc_opt))."""
+    model = VQModel(config)
+    if compile_model:
+        compile_autoencoder(model)
+    objective = TokenizerObjective(config).to(accelerator.device)
+    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.5, 0.9))
+    disc = objective.discriminator
+    if disc is None:
+        model, ae_opt = accelerator.prepare(model, ae_opt)
+        return model, objective, None, (ae_opt, None)
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_learning_rate, betas=(0.5, 0.9))
+    model, ae_opt, wrapped_disc, disc_opt = accelerator.prepare(model, ae_opt, disc, disc_opt)
+    return model, objective, wrapped_disc, (ae_opt, disc_opt)
+
+
 def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, batch, step, guard) -> dict | None:
     """One autoencoder update and, once the GAN is on, one discriminator update. None when skipped."""
     ae_opt, disc_opt = optimizers
@@ -133,17 +161,8 @@ def main(args: argparse.Namespace) -> None:
     batch_size = args.batch_size or defaults["batch_size"]
     learning_rate = args.learning_rate or defaults["learning_rate"]
 
-    model = VQModel(config)
-    objective = TokenizerObjective(config).to(accelerator.device)
-    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.5, 0.9))
-    disc = objective.discriminator
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_learning_rate or defaults["disc_learning_rate"],
-                                betas=(0.5, 0.9)) if disc is not None else None
-    if disc is not None:
-        model, ae_opt, wrapped_disc, disc_opt = accelerator.prepare(model, ae_opt, disc, disc_opt)
-    else:
-        model, ae_opt = accelerator.prepare(model, ae_opt)
-        wrapped_disc = None
+    model, objective, wrapped_disc, (ae_opt, disc_opt) = build_models(
+        accelerator, config, learning_rate, args.disc_learning_rate or defaults["disc_learning_rate"], args.compile)
 
     step = 0
     checkpoint_dir = output_dir / "checkpoints"
@@ -263,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoder and decoder (minutes of compilation; see benchmarks/README.md)")
     parser.add_argument("--log-every", type=int)
     parser.add_argument("--sample-every", type=int)
     parser.add_argument("--checkpoint-every", type=int)

@@ -55,6 +55,17 @@ def tune_allocator() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def check_compile_available() -> None:
+    """Raise ValueError when torch.compile cannot build kernels here (e.g. no C++ compiler for inductor on CPU)."""
+    try:
+        probe = torch.compile(lambda x: torch.sin(x) * 2 + 1)
+        probe(torch.ones(4))
+    except Exception as error:  # inductor raises BackendCompilerFailed, CalledProcessError, ... at first call
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"--compile: torch.compile cannot build kernels on this machine ({type(error).__name__}: "
+                         f"{reason[:300]}); install a C++ compiler (e.g. apt-get install g++) or drop --compile") from error
+
+
 def mixed_precision_mode(requested: str) -> str:
     """Resolve --mixed-precision 'auto' to 'bf16' where the device supports it, else 'no'."""
     if requested != "auto":

@@ -102,3 +102,55 @@ def test_objective_conv_nets_are_channels_last_and_autoencoder_is_not():
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     model = VQModel(tiny_vqgan())
     assert model.encoder.conv_in.weight.is_contiguous()
+
+
+# ---------------------------------------------------------------- --compile
+
+
+def test_compile_flag_trains_the_tiny_tokenizer(tmp_path, fresh_accelerate_state):
+    from stage1_tokenizer.train import cli
+
+    fresh_accelerate_state()
+    out = tmp_path / "run"
+    cli(["--preset", "tiny", "--variant", "vqgan", "--max-steps", "2", "--output-dir", str(out), "--compile",
+         "--log-every", "1", "--max-eval-items", "16"])
+    model = VQModel.from_pretrained(str(out))
+    assert model.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 8, 8)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and "adaptive_weight" in rows[-1]
+
+
+def test_compiled_prior_loss_equals_eager():
+    from stage2_prior.modeling import TokenLayout, build_prior
+    from stage2_prior.train import code_loss
+
+    layout = TokenLayout(codebook_size=16, num_classes=2, num_codes=8)
+    prior = build_prior("tiny", layout)
+    sequence = torch.randint(0, 16, (4, 9))
+    torch.testing.assert_close(torch.compile(code_loss)(prior, sequence), code_loss(prior, sequence),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", ["stage1_tokenizer", "stage2_prior"])
+def test_compile_that_cannot_build_is_a_one_line_error(script, tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    import importlib
+
+    def broken_compile(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("C++ compiler not found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fresh_accelerate_state()
+    if script == "stage1_tokenizer":
+        argv = ["--preset", "tiny", "--max-steps", "1", "--output-dir", str(tmp_path / "run"), "--compile"]
+    else:
+        tokenizer = tmp_path / "tokenizer"
+        VQModel(tiny_vqgan(class_names=None)).save_pretrained(str(tokenizer))
+        argv = ["--tokenizer", str(tokenizer), "--preset", "tiny", "--max-steps", "1", "--compile",
+                "--output-dir", str(tmp_path / "prior"), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"{script}.train").cli(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --compile") and "C++ compiler not found" in error and "drop --compile" in error
