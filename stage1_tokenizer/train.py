@@ -19,8 +19,8 @@ from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, l
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, reduce_logs, run_cli, mixed_precision_mode,
-    resume_checkpoint, save_checkpoint, save_pretrained_atomic, tune_allocator,
+    MetricsLogger, NonFiniteGuard, check_compile_available, mixed_precision_mode, reduce_logs, release_freed_memory,
+    resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
 
 
@@ -105,6 +105,7 @@ def build_models(accelerator, config: VQConfig, learning_rate: float, disc_learn
     if compile_model:
         compile_autoencoder(model)
     objective = TokenizerObjective(config).to(accelerator.device)
+    release_freed_memory()
     ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.5, 0.9))
     disc = objective.discriminator
     if disc is None:

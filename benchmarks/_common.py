@@ -1,0 +1,144 @@
+"""Shared helpers of the benchmark scripts: environment record, timing, peak memory, matmul peak, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"  # ../shared/data next to the checkout, when present
+
+if str(REPO_ROOT) not in sys.path:  # runnable as `python benchmarks/bench_x.py` without an install
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+
+def pick_device(requested: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is available")
+    return torch.device(requested)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """What the numbers depend on: versions, device, threads, and how busy the machine was."""
+    import transformers
+
+    info = {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "device": str(device), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Timer:
+    """Wall-clock and process CPU seconds of a block (CUDA-synchronised)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> "Timer":
+        synchronize(self.device)
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB.
+
+    Linux: VmHWM from /proc/self/status (ru_maxrss would carry the parent's peak across fork + exec);
+    elsewhere ru_maxrss (bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 5) -> float:
+    """Achieved FLOP/s of a large square matmul (the practical peak to compare a workload against)."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as timer:
+            a @ b
+        times.append(timer.wall)
+    return 2 * size**3 / min(times)  # the best run: the machine's capability, not its contention
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "-"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, columns: list[tuple[str, str]], rows: list[dict], digits: dict | None = None) -> str:
+    """Print (and return) a Markdown table: columns are (key, header) pairs."""
+    digits = digits or {}
+    lines = [f"\n### {title}\n", "| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(k), digits.get(k, 2)) for k, _ in columns) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: Path, payload: dict) -> Path:
+    """Write the results file (creating its folder) and say where it went."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(os, "getloadavg"):
+        payload.setdefault("environment", {})["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"\nresults written to {path}")
+    return path

@@ -1,0 +1,165 @@
+"""Sampling speed of `VQPipeline.generate`: tokens/s for 16x16 and 32x32 code grids at batch 1 and 16, with the
+KV cache, without it (`use_cache=False`) and with classifier-free guidance (guidance_scale=2), on a randomly
+initialised class-conditional `small` prior and a `small` tokenizer whose latent grid matches.
+
+    python benchmarks/bench_sampling.py [--quick] [--output PATH]
+
+The no-cache 32x32 runs would take many minutes; they are estimated instead: the no-cache forward (the whole
+sequence so far, every step) is timed at a few sequence lengths and integrated over all steps. The same estimate
+is printed next to the measured 16x16 runs, so its accuracy can be read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from _common import RESULTS_DIR, Timer, environment, median, pick_device, print_table, write_json
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.pipeline import VQPipeline  # noqa: E402
+from stage1_tokenizer.configuration import VQConfig  # noqa: E402
+from stage1_tokenizer.modeling import VQModel  # noqa: E402
+from stage1_tokenizer.train_utils import tune_allocator  # noqa: E402
+from stage2_prior.modeling import TokenLayout, build_prior  # noqa: E402
+from stage2_prior.sampling import _forward  # noqa: E402
+
+NUM_CLASSES = 10
+GUIDANCE = 2.0
+
+
+def make_pipeline(side: int, device: torch.device) -> VQPipeline:
+    """`small` tokenizer with a side x side latent grid and a fresh class-conditional `small` prior."""
+    names = [f"class {i}" for i in range(NUM_CLASSES)]
+    factor = VQConfig.from_preset("small").downsample_factor
+    config = VQConfig.from_preset("small", resolution=side * factor, class_names=names)
+    torch.manual_seed(0)
+    tokenizer = VQModel(config)
+    layout = TokenLayout(config.codebook_size, NUM_CLASSES, side * side)
+    prior = build_prior("small", layout)
+    return VQPipeline(tokenizer, prior, layout=layout, class_names=names).to(device)
+
+
+def generate(pipe: VQPipeline, batch: int, mode: str, device: torch.device):
+    """One timed generate() call; returns (seconds, codes)."""
+    kwargs = dict(num_samples=batch, class_labels=[3] * batch, seed=0, output_type="pt")
+    if mode == "CFG":
+        kwargs["guidance_scale"] = GUIDANCE
+    with Timer(device) as timer:
+        out = pipe.generate(use_cache=mode != "no cache", **kwargs)
+    return timer.wall, out.codes
+
+
+@torch.no_grad()
+def estimate_no_cache(pipe: VQPipeline, batch: int, device: torch.device, points: int) -> float:
+    """Seconds for a no-cache generate(): the full-sequence forward timed at `points` lengths, integrated over
+    every step (per-step sampling and the final decode are left out; both are small next to these forwards)."""
+    num_codes = pipe.layout.num_codes
+    lengths = np.unique(np.linspace(1, num_codes, points).round().astype(int))  # sequence length at each step
+    costs = []
+    for length in lengths:
+        sequence = torch.randint(0, pipe.layout.codebook_size, (batch, int(length)), device=device)
+        _forward(pipe.prior, sequence, None, False)  # warm the allocator for this shape
+        with Timer(device) as timer:
+            _forward(pipe.prior, sequence, None, False)
+        costs.append(timer.wall)
+    steps = np.arange(1, num_codes + 1)  # step t feeds the t tokens sampled so far (condition token included)
+    return float(np.interp(steps, lengths, costs).sum())
+
+
+def main(args: argparse.Namespace) -> None:
+    tune_allocator()
+    device = pick_device(args.device)
+    env = environment(device)
+    print(f"sampling benchmark: random `small` prior, {NUM_CLASSES} classes, {args.repeats} repeat(s), "
+          f"{env['torch_threads']} thread(s), {env['cpu']}; load average {env['load_average_at_start']}", flush=True)
+    rows, codes, pipes = [], {}, {side: make_pipeline(side, device) for side in args.grids}
+    for side, pipe in pipes.items():
+        pipe.generate(num_samples=1, class_labels=[0], seed=0, output_type="pt")  # warm-up
+    cases = [(side, batch, mode) for side in args.grids for batch in args.batches
+             for mode in ("cache", "CFG", "no cache")]
+    measured = {case: [] for case in cases if not (case[2] == "no cache" and case[0] > args.max_no_cache_side)}
+    for repeat in range(args.repeats):
+        for case in measured:
+            if case[2] == "no cache" and repeat >= args.no_cache_repeats:
+                continue
+            seconds, case_codes = generate(pipes[case[0]], case[1], case[2], device)
+            measured[case].append(seconds)
+            codes[case] = case_codes
+            print(f"  {case[0]}x{case[0]} batch {case[1]:2d} {case[2]:8s}: {seconds:7.2f}s", flush=True)
+    estimates = {}
+    for side in args.grids:
+        for batch in args.batches:
+            estimates[(side, batch)] = estimate_no_cache(pipes[side], batch, device, args.points)
+    equal_codes = {f"{side}x{side} batch {batch}": bool(torch.equal(codes[(side, batch, "cache")],
+                                                                      codes[(side, batch, "no cache")]))
+                   for side, batch, mode in measured if mode == "no cache"}
+
+    for side in args.grids:
+        for batch in args.batches:
+            tokens = batch * side * side
+            cached = median(measured[(side, batch, "cache")])
+            for mode in ("cache", "CFG", "no cache"):
+                runs = measured.get((side, batch, mode))
+                seconds = median(runs) if runs else estimates[(side, batch)]
+                rows.append({
+                    "grid": f"{side}x{side}", "codes": side * side, "batch": batch, "mode": mode,
+                    "seconds": seconds, "tokens_per_s": tokens / seconds, "vs_cache": seconds / cached,
+                    "how": "measured" if runs else "estimated",
+                    "no_cache_estimate_s": estimates[(side, batch)] if mode == "no cache" else None,
+                    "runs": runs or [],
+                })
+    columns = [("grid", "grid"), ("batch", "batch"), ("mode", "mode"), ("seconds", "s / generate()"),
+               ("tokens_per_s", "tokens/s"), ("vs_cache", "time vs KV cache"), ("how", "how"),
+               ("no_cache_estimate_s", "no-cache estimate s")]
+    table = print_table(f"VQPipeline.generate, random `small` prior (medians of {args.repeats}; "
+                        f"no cache: {args.no_cache_repeats})", columns, rows,
+                        digits={"seconds": 2, "tokens_per_s": 0, "vs_cache": 2, "no_cache_estimate_s": 1})
+    print(f"\nseeded cached and uncached runs give equal codes: {equal_codes}")
+    by_case = {(r["grid"], r["batch"], r["mode"]): r for r in rows}
+    targets = {}
+    key = ("16x16", 16)
+    if key + ("no cache",) in by_case:
+        ratio = by_case[key + ("no cache",)]["vs_cache"]
+        targets["kv_cache_speedup_256_codes_batch_16"] = ratio
+        print(f"target: KV cache >= 10x no-cache at 256 codes, batch 16: {'MET' if ratio >= 10 else 'NOT MET'} "
+              f"({ratio:.1f}x, {by_case[key + ('no cache',)]['how']})")
+    for side in args.grids:
+        for batch in args.batches:
+            cost = by_case[(f"{side}x{side}", batch, "CFG")]["vs_cache"]
+            targets[f"cfg_cost_{side}x{side}_batch_{batch}"] = cost
+            print(f"target: CFG <= 1.3x unguided, {side}x{side} batch {batch}: {'MET' if cost <= 1.3 else 'NOT MET'} "
+                  f"({cost:.2f}x)")
+    write_json(args.output, {"benchmark": "bench_sampling", "environment": env, "guidance_scale": GUIDANCE,
+                             "repeats": args.repeats, "rows": rows, "equal_codes_cached_vs_uncached": equal_codes,
+                             "targets": targets, "table_markdown": table})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 repeat of each run (about 2 minutes)")
+    parser.add_argument("--grids", type=int, nargs="+", default=[16, 32], help="code grid sides")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the cached and CFG runs (default 3)")
+    parser.add_argument("--no-cache-repeats", type=int, help="repeats of the measured no-cache runs (default 2)")
+    parser.add_argument("--max-no-cache-side", type=int, help="measure no-cache runs only up to this grid side; "
+                        "larger ones are estimated (default 16)")
+    parser.add_argument("--points", type=int, default=8, help="sequence lengths timed for a no-cache estimate")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_sampling.json")
+    args = parser.parse_args(argv)
+    defaults = dict(repeats=1, no_cache_repeats=1, max_no_cache_side=16) if args.quick else \
+        dict(repeats=3, no_cache_repeats=2, max_no_cache_side=16)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())
