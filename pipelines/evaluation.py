@@ -27,6 +27,7 @@ from torch import nn
 from stage1_tokenizer.configuration import PAD_BYTE
 from stage1_tokenizer.data import ImageDataset, Split, load_split, text_dataset, to_square
 from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.precision import fast_autocast
 from stage1_tokenizer.quantizer import usage_from_counts
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or the training recipe changes: it is part of the cache key
@@ -142,7 +143,7 @@ def _train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, num_classes:
             order, cursor = torch.randperm(len(train_x), generator=generator), 0
         index = order[cursor : cursor + batch]
         cursor += batch
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast_autocast("cpu"):
             images = _from_uint8(train_x[index]).contiguous(memory_format=torch.channels_last)  # ~30% faster on CPU
             loss = F.cross_entropy(model(images), train_y[index])
         optimizer.zero_grad(set_to_none=True)

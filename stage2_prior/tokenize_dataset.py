@@ -12,6 +12,7 @@ import torch
 
 from stage1_tokenizer.data import ImageDataset, load_split, text_dataset
 from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.precision import fast_autocast
 
 DEFAULT_CACHE = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "codes"
 
@@ -54,7 +55,7 @@ def build_code_cache(
     def encode_batch(batch: dict) -> dict:
         items = [source[i] for i in batch["index"]]
         inputs = torch.stack([item[0] for item in items]).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with fast_autocast(device):
             codes = tokenizer.encode(inputs).flatten(1)  # (B, h*w) raster order, or (B, n)
         return {"codes": codes.cpu().tolist(), "label": [int(item[1]) for item in items]}
 

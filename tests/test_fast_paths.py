@@ -154,3 +154,36 @@ def test_compile_that_cannot_build_is_a_one_line_error(script, tmp_path, monkeyp
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --compile") and "C++ compiler not found" in error and "drop --compile" in error
+
+
+@pytest.fixture
+def fresh_bf16_probe():
+    """Clear the once-per-process bf16 measurement before and after the test."""
+    from stage1_tokenizer import precision
+
+    precision._cpu_bf16_is_fast.cache_clear()
+    yield precision
+    precision._cpu_bf16_is_fast.cache_clear()
+
+
+@pytest.mark.parametrize("override, expected", [("1", "bf16"), ("0", "no")])
+def test_auto_precision_on_cpu_follows_the_bf16_measurement(fresh_bf16_probe, monkeypatch, override, expected):
+    from stage1_tokenizer.train_utils import mixed_precision_mode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(fresh_bf16_probe.OVERRIDE_ENV, override)
+    assert mixed_precision_mode("auto") == expected
+    assert mixed_precision_mode("bf16") == "bf16" and mixed_precision_mode("no") == "no"
+    with fresh_bf16_probe.fast_autocast("cpu"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if override == "1" else torch.float32)
+
+
+def test_bf16_measurement_is_a_cached_bool_and_bad_override_is_named(fresh_bf16_probe, monkeypatch):
+    monkeypatch.delenv(fresh_bf16_probe.OVERRIDE_ENV, raising=False)
+    first = fresh_bf16_probe.bf16_is_fast("cpu")
+    assert isinstance(first, bool) and fresh_bf16_probe.bf16_is_fast("cpu") is first
+    assert fresh_bf16_probe._cpu_bf16_is_fast.cache_info().hits >= 1
+    fresh_bf16_probe._cpu_bf16_is_fast.cache_clear()
+    monkeypatch.setenv(fresh_bf16_probe.OVERRIDE_ENV, "yes")
+    with pytest.raises(ValueError, match="VQGEN_CPU_BF16='yes'"):
+        fresh_bf16_probe.bf16_is_fast("cpu")
