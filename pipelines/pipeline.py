@@ -91,6 +91,9 @@ def _load_model(cls, folder: Path, what: str):
     try:
         return cls.from_pretrained(str(folder), use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+        if "mismatch" in str(error).lower():  # transformers' shape check: weights and config.json disagree
+            raise ValueError(f"{what} weights in {folder} do not fit the shapes its config.json describes (was the "
+                             "config edited, or the weights copied from another model?)") from error
         raise ValueError(f"{what} weights in {folder} could not be loaded ({type(error).__name__}: {error}); "
                          "the file may be truncated or corrupt") from error
 
@@ -167,7 +170,7 @@ class VQPipeline:
         labels = [int(c) for c in class_labels]
         if len(labels) != num_samples:
             raise ValueError(f"class_labels has {len(labels)} entries but num_samples={num_samples}")
-        bad = [c for c in labels if not 0 <= c < self.layout.num_classes]
+        bad = sorted({c for c in labels if not 0 <= c < self.layout.num_classes})
         if bad:
             raise ValueError(f"class_labels {bad} out of range: this prior knows classes 0..{self.layout.num_classes - 1}")
         return labels

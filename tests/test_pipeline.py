@@ -183,6 +183,20 @@ def test_truncated_safetensors_is_a_clear_error(pipeline_copy, component, keep):
         VQPipeline.from_pretrained(pipeline_copy)
 
 
+def test_weights_that_do_not_fit_their_config_are_a_clear_error(pipeline_copy):
+    config_path = pipeline_copy / "tokenizer" / "config.json"
+    fields = json.loads(config_path.read_text())
+    fields["codebook_size"] //= 2  # the saved codebook keeps its old number of rows
+    config_path.write_text(json.dumps(fields))
+    with pytest.raises(ValueError, match="tokenizer weights .* do not fit the shapes its config.json describes"):
+        VQPipeline.from_pretrained(pipeline_copy)
+
+
+def test_out_of_range_labels_are_named_once(pipe):
+    with pytest.raises(ValueError, match=r"class_labels \[10, 12\] out of range: this prior knows classes 0\.\.9"):
+        pipe.generate(num_samples=5, class_labels=[12, 0, 10, 12, 10])
+
+
 def test_invalid_pipeline_config_json_is_a_clear_error(pipeline_copy):
     (pipeline_copy / "pipeline_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
