@@ -39,8 +39,8 @@ def _run(module: str, arguments: list[str], log_path: Path) -> None:
     command = [sys.executable, "-m", module, *arguments]
     print(f"$ {' '.join(command)}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                      env=env, text=True) as process:
         for line in process.stdout:
             log.write(line)
             sys.stdout.write(line)

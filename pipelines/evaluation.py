@@ -31,7 +31,7 @@ from stage1_tokenizer.precision import fast_autocast
 from stage1_tokenizer.quantizer import usage_from_counts
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or the training recipe changes: it is part of the cache key
-DEFAULT_CACHE_DIR = Path("~/.cache/vqgen/classifiers")
+DEFAULT_CACHE_DIR = Path(os.environ.get("VQGEN_CACHE", "~/.cache/vqgen")) / "classifiers"  # as the code cache
 # Training length: EPOCHS passes over the train split, at least MIN_STEPS (small sets such as `digits`
 # need more than a few passes), at most `max_steps` (Fashion-MNIST at 32x32: 1000 steps ~ 91% test).
 CLASSIFIER_EPOCHS = 3

@@ -1,0 +1,62 @@
+"""`vqgen compare` end to end on the built-in digits, with a budget of a few steps: every file it promises, every
+metric the design names for both variants and the real-data row, loadable pipelines, and reuse on a second run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines import compare, evaluation
+from pipelines.cli import main
+from pipelines.pipeline import VQPipeline
+
+GENERATION = ("fd_classifier", "kid_mean", "inception_score", "precision", "recall", "class_hist_kl", "class_accuracy")
+RECONSTRUCTION = ("mse", "psnr", "ssim", "fd_classifier", "classifier_accuracy", "codebook_usage", "perplexity")
+
+
+@pytest.fixture
+def few_step_budget(tmp_path, monkeypatch, offline_env):
+    """A 'test' budget of a few steps, and caches inside tmp_path (the children inherit VQGEN_CACHE)."""
+    monkeypatch.setenv("VQGEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluation, "DEFAULT_CACHE_DIR", tmp_path / "cache" / "classifiers")
+    monkeypatch.setitem(compare.BUDGETS, "test", dict(
+        tokenizer_preset="tiny", tokenizer_steps=3, tokenizer_batch=8, disc_start=1, prior_preset="tiny",
+        prior_steps=3, prior_batch=8, num_eval_samples=40, guidance_scale=2.0))
+    return tmp_path / "compare"
+
+
+def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_budget, capsys):
+    out = few_step_budget
+    main(["compare", "--budget", "test", "--output-dir", str(out)])
+    first_run = capsys.readouterr().out
+    assert "reusing" not in first_run
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["dataset"] == "digits" and metrics["settings"]["class_conditional"] is True
+    for variant in ("vqvae", "vqgan"):
+        for key in GENERATION:
+            assert isinstance(metrics["generation"][variant][key], float), (variant, key)
+        for key in RECONSTRUCTION:
+            assert isinstance(metrics["reconstruction"][variant][key], float), (variant, key)
+        assert "val_bits_per_code" in metrics["prior"][variant]
+        pipe = VQPipeline.from_pretrained(out / "pipelines" / variant)
+        assert pipe.tokenizer.config.variant == variant
+        assert pipe.generate(num_samples=2, class_labels=[3, 4], seed=0).images[0].size == (16, 16)
+    for key in GENERATION:  # the real-data row, computed with the same N
+        assert isinstance(metrics["generation"]["real"][key], float), key
+
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5  # sample grids (2 + real), reconstructions, plots: inline
+    assert 'src="http' not in html and "src='http" not in html
+    markdown = (out / "report.md").read_text()
+    assert "FD-classifier" in markdown and "| VQ-VAE | VQGAN |" in markdown
+    for figure in metrics["figures"]["samples"].values():
+        assert (out / figure).is_file()
+
+    weights = out / "tokenizers" / "vqgan" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    main(["compare", "--budget", "test", "--output-dir", str(out)])
+    second_run = capsys.readouterr().out
+    assert "reusing the vqvae tokenizer" in second_run and "reusing the vqgan prior" in second_run
+    assert weights.stat().st_mtime_ns == stamp
