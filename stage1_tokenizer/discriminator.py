@@ -9,30 +9,18 @@ from torch import nn
 from .configuration import VQConfig
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
-
-
 class PatchDiscriminator(nn.Module):
-    """Strided conv stack that scores overlapping patches: (B, C, *spatial) -> (B, 1, *patches).
-
-    Isola et al.'s PatchGAN (as in taming) but with GroupNorm, not BatchNorm: the hinge loss scores real and
-    fake batches in separate passes, and BatchNorm normalises each batch by its own statistics, which pins both
-    batches' mean logit to nearly the same value. The discriminator then sits at loss ~1.0, its input gradient
-    is tiny, the adaptive weight ||g_rec|| / ||g_gan|| blows up to the hundreds, and the generator paints
-    high-frequency stripes (seen on Fashion-MNIST). A per-sample norm scores each patch on its own.
-    """
+    """Strided conv stack that scores overlapping patches: (B, C, *spatial) -> (B, 1, *patches)."""
 
     def __init__(self, in_channels: int, channels: int, num_layers: int, conv: type = nn.Conv2d):
         super().__init__()
+        norm = nn.BatchNorm2d if conv is nn.Conv2d else nn.BatchNorm1d
         layers: list[nn.Module] = [conv(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         width = channels
         for i in range(1, num_layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < num_layers else 1
-            layers += [conv(width, out, 4, stride=stride, padding=1, bias=False), _group_norm(out),
-                       nn.LeakyReLU(0.2)]
+            layers += [conv(width, out, 4, stride=stride, padding=1, bias=False), norm(out), nn.LeakyReLU(0.2)]
             width = out
         layers.append(conv(width, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
@@ -43,7 +31,7 @@ class PatchDiscriminator(nn.Module):
         # DCGAN initialisation, as taming uses for its discriminator.
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             nn.init.normal_(module.weight, 0.0, 0.02)
-        elif isinstance(module, nn.GroupNorm):
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
             nn.init.normal_(module.weight, 1.0, 0.02)
             nn.init.zeros_(module.bias)
 

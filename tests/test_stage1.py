@@ -269,33 +269,6 @@ def test_gan_terms_are_off_before_disc_start():
     assert "gan_loss" in logs and not torch.equal(before, after)
 
 
-@pytest.mark.parametrize("modality", ["image", "text"])
-def test_discriminator_scores_each_sample_on_its_own(modality):
-    """A sample's patch logits must not depend on its batch-mates (BatchNorm in train mode broke this, pinning
-    the real and fake batches' mean logits together), and a shifted batch must not score the same on average."""
-    from stage1_tokenizer.discriminator import build_discriminator
-
-    config = VQConfig.from_preset("tiny", modality=modality, variant="vqgan")
-    disc = build_discriminator(config).train()
-    if modality == "image":
-        real = torch.rand(4, config.in_channels, config.resolution, config.resolution) * 2 - 1
-        fake = (real * 0.2 + 0.5).clamp(-1, 1)  # lower contrast, brighter: what a batch-wise norm would erase
-    else:
-        real = torch.randint(0, 256, (4, config.seq_len))
-        fake = torch.randn(4, config.byte_vocab_size, config.seq_len) * 3
-    others = fake[1:] if modality == "image" else torch.randint(0, 8, (3, config.seq_len))  # same kind of input
-    alone = disc(real[:1])
-    with_others = disc(torch.cat([real[:1], others]))[:1]
-    torch.testing.assert_close(alone, with_others, rtol=1e-4, atol=1e-5)
-    for _ in range(3):  # a few plain steps on the hinge loss separate the two batches' mean logits
-        disc.zero_grad()
-        hinge_discriminator_loss(disc(real), disc(fake)).backward()
-        with torch.no_grad():
-            for p in disc.parameters():
-                p -= 0.05 * p.grad
-    assert disc(real).mean() - disc(fake).mean() > 0.05
-
-
 def test_hinge_loss_on_known_logits():
     real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.5])
     # 0.5 * (mean relu(1 - real) + mean relu(1 + fake)) = 0.5 * ((0 + 0.5 + 2) / 3 + (0 + 1 + 2.5) / 3)
