@@ -23,7 +23,7 @@ DEFAULT_DATASETS = {"image": "digits", "text": "python-docs"}
 
 # Everything both variants share; only the objective differs between them.
 BUDGETS: dict[str, dict] = {
-    # Offline on 2 CPU cores in a few minutes (digits: 16x16 -> 8x8 codes).
+    # Offline, digits (16x16 -> 8x8 codes): 33 min measured on a busy fp32-only 2-core CPU (too long; to be cut).
     "quick": dict(tokenizer_preset="tiny", tokenizer_steps=800, tokenizer_batch=32, disc_start=250,
                   prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST (32x32 -> 8x8 codes) in under an hour on 2 CPU cores *without* fast bf16 (fp32 throughout,
