@@ -27,7 +27,7 @@ BUDGETS: dict[str, dict] = {
     "quick": dict(tokenizer_preset="tiny", tokenizer_steps=800, tokenizer_batch=32, disc_start=250,
                   prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST (32x32 -> 8x8 codes) in under an hour on 2 CPU cores *without* fast bf16 (fp32 throughout,
-    # e.g. an AVX2-only CPU): measured about 0.5 s per VQ-VAE step and 0.7 s per VQGAN step at batch 32.
+    # e.g. an AVX2-only CPU): measured 0.55 s per VQ-VAE step and 0.65-0.9 s per VQGAN step at batch 32.
     "standard": dict(tokenizer_preset="small", tokenizer_steps=1200, tokenizer_batch=32, disc_start=400,
                      prior_preset="small", prior_steps=1000, prior_batch=32, num_eval_samples=1000,
                      guidance_scale=2.0),
