@@ -21,6 +21,16 @@ if str(REPO_ROOT) not in sys.path:  # runnable as `python benchmarks/bench_x.py`
 import torch  # noqa: E402
 
 
+def apply_run_options(args, quick: dict, full: dict):
+    """Fill the options the user left unset from the --quick or the full defaults, then apply --threads."""
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def pick_device(requested: str) -> torch.device:
     """'auto' -> cuda when available, else cpu."""
     if requested == "auto":

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import RESULTS_DIR, Timer, environment, median, pick_device, print_table, write_json
+from _common import (
+    RESULTS_DIR, Timer, apply_run_options, environment, median, pick_device, print_table, write_json,
+)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -151,14 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_sampling.json")
     args = parser.parse_args(argv)
-    defaults = dict(repeats=1, no_cache_repeats=1, max_no_cache_side=16) if args.quick else \
-        dict(repeats=3, no_cache_repeats=2, max_no_cache_side=16)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
+    return apply_run_options(args, quick=dict(repeats=1, no_cache_repeats=1, max_no_cache_side=16),
+                             full=dict(repeats=3, no_cache_repeats=2, max_no_cache_side=16))
 
 
 if __name__ == "__main__":

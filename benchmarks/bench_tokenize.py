@@ -11,7 +11,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import RESULTS_DIR, SHARED_DATA, Timer, environment, median, pick_device, print_table, write_json
+from _common import (
+    RESULTS_DIR, SHARED_DATA, Timer, apply_run_options, environment, median, pick_device, print_table, write_json,
+)
 
 import torch  # noqa: E402
 
@@ -109,11 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_tokenize.json")
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
+    return apply_run_options(args, quick=dict(repeats=1), full=dict(repeats=3))
 
 
 if __name__ == "__main__":

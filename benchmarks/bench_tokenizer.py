@@ -15,7 +15,7 @@ import types
 from pathlib import Path
 
 from _common import (
-    RESULTS_DIR, Timer, environment, matmul_peak_flops, median, peak_rss_mb, pick_device, print_table, write_json,
+    RESULTS_DIR, apply_run_options, Timer, environment, matmul_peak_flops, median, peak_rss_mb, pick_device, print_table, write_json,
 )
 
 import torch  # noqa: E402  (after _common put the repository on sys.path)
@@ -290,13 +290,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_tokenizer.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = dict(steps=1, repeats=2, warmup=1) if args.quick else dict(steps=2, repeats=5, warmup=2)
-    for key, value in quick.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return args
+    return apply_run_options(args, quick=dict(steps=1, repeats=2, warmup=1), full=dict(steps=2, repeats=5, warmup=2))
 
 
 if __name__ == "__main__":
