@@ -15,7 +15,8 @@ import types
 from pathlib import Path
 
 from _common import (
-    RESULTS_DIR, apply_run_options, Timer, environment, matmul_peak_flops, median, peak_rss_mb, pick_device, print_table, write_json,
+    RESULTS_DIR, Timer, apply_run_options, environment, matmul_peak_flops, median, peak_rss_mb, pick_device,
+    print_table, write_json,
 )
 
 import torch  # noqa: E402  (after _common put the repository on sys.path)
