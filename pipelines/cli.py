@@ -58,10 +58,8 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from .compare import BUDGETS, run_compare
+    from .compare import run_compare
 
-    if args.budget not in BUDGETS:
-        raise ValueError(f"--budget {args.budget!r}; expected one of {list(BUDGETS)}")
     run_compare(dataset=args.dataset, modality=args.modality, budget=args.budget, output_dir=Path(args.output_dir),
                 seed=args.seed, class_conditional=args.class_conditional, force=args.force,
                 perceptual_backend=args.perceptual)
