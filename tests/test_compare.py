@@ -60,3 +60,13 @@ def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_b
     second_run = capsys.readouterr().out
     assert "reusing the vqvae tokenizer" in second_run and "reusing the vqgan prior" in second_run
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_budget_settings_apply_the_modality_changes(monkeypatch):
+    monkeypatch.setitem(compare.BUDGETS, "b", dict(tokenizer_steps=10, tokenizer_batch=8, num_eval_samples=5))
+    monkeypatch.setitem(compare.MODALITY_BUDGETS, "text", {"b": dict(tokenizer_steps=30)})
+    assert compare.budget_settings("b", "image") == dict(tokenizer_steps=10, tokenizer_batch=8, num_eval_samples=5)
+    assert compare.budget_settings("b", "text") == dict(tokenizer_steps=30, tokenizer_batch=8, num_eval_samples=5)
+    assert compare.BUDGETS["b"]["tokenizer_steps"] == 10  # the shared table is not changed in place
+    with pytest.raises(ValueError, match="budget 'huge' is unknown"):
+        compare.budget_settings("huge", "image")
