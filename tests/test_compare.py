@@ -70,3 +70,50 @@ def test_budget_settings_apply_the_modality_changes(monkeypatch):
     assert compare.BUDGETS["b"]["tokenizer_steps"] == 10  # the shared table is not changed in place
     with pytest.raises(ValueError, match="budget 'huge' is unknown"):
         compare.budget_settings("huge", "image")
+
+
+TEXT_GENERATION = ("distinct_1", "distinct_2", "distinct_3", "self_bleu4", "length_mean", "ngram_perplexity",
+                   "sentiment_agreement")
+
+
+def _write_review_data(folder):
+    """A tiny labelled text data set (parquet, ClassLabel labels), like SST-2 in shape."""
+    import datasets
+
+    good = ["a warm , funny and moving film", "the cast is wonderful", "one of the best films this year",
+            "a smart , charming delight"]
+    bad = ["a dull , lifeless mess", "the plot is tedious and flat", "one of the worst films this year",
+           "a boring , clumsy failure"]
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    for split, repeats in (("train", 10), ("validation", 2)):
+        rows = {"sentence": (bad + good) * repeats, "label": ([0] * 4 + [1] * 4) * repeats}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_budget, tmp_path):
+    (tmp_path / "reviews").mkdir()
+    data = _write_review_data(tmp_path / "reviews")
+    out = few_step_budget
+    main(["compare", "--modality", "text", "--dataset", str(data), "--budget", "test", "--output-dir", str(out)])
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["modality"] == "text" and metrics["settings"]["class_conditional"] is True
+    assert metrics["settings"]["class_names"] == ["negative", "positive"]
+    assert 0.5 <= metrics["classifier"]["sentiment_test_accuracy"] <= 1.0
+    for variant in ("vqvae", "vqgan"):
+        for key in TEXT_GENERATION:
+            assert isinstance(metrics["generation"][variant][key], float), (variant, key)
+        assert 0.0 <= metrics["generation"][variant]["sentiment_agreement"] <= 1.0
+        for key in ("byte_accuracy", "exact_match", "codebook_usage", "perplexity"):
+            assert isinstance(metrics["reconstruction"][variant][key], float), (variant, key)
+        assert set(metrics["text_samples"][variant]) == {"negative", "positive"}
+        pipe = VQPipeline.from_pretrained(out / "pipelines" / variant)
+        texts = pipe.generate(num_samples=2, class_labels=[0, 1], seed=0).texts
+        assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    # The real row: held-out reviews with their true labels, judged by the same classifier.
+    assert metrics["generation"]["real"]["sentiment_agreement"] == metrics["classifier"]["sentiment_test_accuracy"]
+    html = (out / "report.html").read_text()
+    assert "Class: positive" in html and "the cast is wonderful" in html
+    assert "| VQ-VAE | VQGAN |" in (out / "report.md").read_text()
