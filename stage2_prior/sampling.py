@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, StaticCache
 
 from .modeling import TokenLayout, cache_kwarg, output_cache
 
@@ -21,6 +23,20 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# A static KV cache writes each step in place; the default dynamic one concatenates, copying the whole cache every
+# step. Measured on 2 CPU cores (`small` prior, 256 codes, one thread): 22.5 vs 37.6 ms per step at 16 rows, 35 vs
+# 62 ms at 32 (CFG), on par at 1-2 rows. Below this many rows the dynamic cache is kept.
+STATIC_CACHE_MIN_ROWS = 4
+
+
+def make_static_cache(prior: PreTrainedModel, rows: int, max_len: int):
+    """A preallocated KV cache for `rows` sequences of up to `max_len` tokens (transformers 4.5x and 5.x)."""
+    kwargs = dict(config=prior.config, max_cache_len=max_len)
+    if "max_batch_size" in inspect.signature(StaticCache.__init__).parameters:  # transformers 4.x
+        kwargs.update(max_batch_size=rows, device=prior.device, dtype=prior.dtype)
+    return StaticCache(**kwargs)
 
 
 def _forward(prior: PreTrainedModel, input_ids: torch.Tensor, cache, use_cache: bool):
@@ -45,7 +61,8 @@ def sample_codes(
     """Draw (num_samples, num_codes) code indices; only code tokens (0..K-1) can ever be drawn.
 
     With classifier-free guidance (guidance_scale != 1, conditional prior) the conditional and
-    unconditional rows run in one batched forward per step: logits = u + s * (c - u).
+    unconditional rows run in one batched forward per step: logits = u + s * (c - u). From
+    STATIC_CACHE_MIN_ROWS rows on, the KV cache is a preallocated StaticCache.
     `temperature=0` means greedy decoding. Random draws use `generator` (on the CPU), so equal
     seeds give equal codes on any device.
     """
@@ -57,6 +74,8 @@ def sample_codes(
     sequence = condition.unsqueeze(1)  # (B or 2B, 1)
     codes = torch.empty(num_samples, layout.num_codes, dtype=torch.long, device=device)
     cache = None
+    if use_cache and sequence.shape[0] >= STATIC_CACHE_MIN_ROWS and isinstance(prior, PreTrainedModel):
+        cache = make_static_cache(prior, sequence.shape[0], layout.num_codes + 1)
     step_input = sequence
     for position in range(layout.num_codes):
         logits, cache = _forward(prior, step_input if use_cache else sequence, cache, use_cache)

@@ -14,6 +14,7 @@ import stage2_prior.train as prior_train
 from pipelines.pipeline import VQPipeline
 from stage1_tokenizer.modeling import VQModel
 from stage2_prior.modeling import TokenLayout, build_prior
+from stage2_prior import sampling
 from stage2_prior.sampling import filter_logits, sample_codes
 from stage2_prior.tokenize_dataset import build_code_cache, codes_tensor
 
@@ -67,9 +68,20 @@ def test_build_prior_fits_layout():
 # --------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("temperature", [0, 1.0], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-cfg", "cfg"])
-def test_kv_cache_matches_full_recompute(pipe, temperature, guidance_scale):
+@pytest.mark.parametrize("static_from_rows", [1, 10_000], ids=["static-cache", "dynamic-cache"])
+def test_kv_cache_matches_full_recompute(pipe, temperature, guidance_scale, static_from_rows, monkeypatch):
+    monkeypatch.setattr(sampling, "STATIC_CACHE_MIN_ROWS", static_from_rows)
+    made, real = [], sampling.make_static_cache
+
+    def spy(prior, rows, max_len):
+        made.append((rows, max_len))
+        return real(prior, rows, max_len)
+
+    monkeypatch.setattr(sampling, "make_static_cache", spy)
     kwargs = dict(temperature=temperature, guidance_scale=guidance_scale, top_k=40 if temperature else None)
     cached = draw(pipe, use_cache=True, **kwargs)
+    rows = 8 if guidance_scale != 1.0 else 4
+    assert made == ([(rows, pipe.layout.num_codes + 1)] if static_from_rows == 1 else [])
     uncached = draw(pipe, use_cache=False, **kwargs)
     assert cached.shape == (4, pipe.layout.num_codes)
     assert torch.equal(cached, uncached)
