@@ -1,5 +1,7 @@
 """Sampling speed of `VQPipeline.generate`: tokens/s for 16x16 and 32x32 code grids at batch 1 and 16, with the
-KV cache, without it (`use_cache=False`) and with classifier-free guidance (guidance_scale=2), on a randomly
+KV cache (the default: a preallocated StaticCache from 4 rows on), with transformers' growing dynamic cache at every
+batch size ("dynamic cache"), without a cache (`use_cache=False`) and with classifier-free guidance
+(guidance_scale=2), on a randomly
 initialised class-conditional `small` prior and a `small` tokenizer whose latent grid matches.
 
     python benchmarks/bench_sampling.py [--quick] [--output PATH]
@@ -12,6 +14,7 @@ is printed next to the measured 16x16 runs, so its accuracy can be read off the 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from _common import (
@@ -26,10 +29,12 @@ from stage1_tokenizer.configuration import VQConfig  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402
 from stage1_tokenizer.train_utils import tune_allocator  # noqa: E402
 from stage2_prior.modeling import TokenLayout, build_prior  # noqa: E402
+from stage2_prior import sampling  # noqa: E402
 from stage2_prior.sampling import _forward  # noqa: E402
 
 NUM_CLASSES = 10
 GUIDANCE = 2.0
+MODES = ("cache", "CFG", "dynamic cache", "no cache")
 
 
 def make_pipeline(side: int, device: torch.device) -> VQPipeline:
@@ -45,12 +50,18 @@ def make_pipeline(side: int, device: torch.device) -> VQPipeline:
 
 
 def generate(pipe: VQPipeline, batch: int, mode: str, device: torch.device):
-    """One timed generate() call; returns (seconds, codes)."""
+    """One timed generate() call; returns (seconds, codes). "dynamic cache" keeps transformers' growing cache at
+    every batch size (the default switches to a preallocated StaticCache from STATIC_CACHE_MIN_ROWS rows)."""
     kwargs = dict(num_samples=batch, class_labels=[3] * batch, seed=0, output_type="pt")
     if mode == "CFG":
         kwargs["guidance_scale"] = GUIDANCE
-    with Timer(device) as timer:
-        out = pipe.generate(use_cache=mode != "no cache", **kwargs)
+    static_from = sampling.STATIC_CACHE_MIN_ROWS
+    sampling.STATIC_CACHE_MIN_ROWS = sys.maxsize if mode == "dynamic cache" else static_from
+    try:
+        with Timer(device) as timer:
+            out = pipe.generate(use_cache=mode != "no cache", **kwargs)
+    finally:
+        sampling.STATIC_CACHE_MIN_ROWS = static_from
     return timer.wall, out.codes
 
 
@@ -81,7 +92,7 @@ def main(args: argparse.Namespace) -> None:
     for side, pipe in pipes.items():
         pipe.generate(num_samples=1, class_labels=[0], seed=0, output_type="pt")  # warm-up
     cases = [(side, batch, mode) for side in args.grids for batch in args.batches
-             for mode in ("cache", "CFG", "no cache")]
+             for mode in MODES]
     measured = {case: [] for case in cases if not (case[2] == "no cache" and case[0] > args.max_no_cache_side)}
     for repeat in range(args.repeats):
         for case in measured:
@@ -103,7 +114,7 @@ def main(args: argparse.Namespace) -> None:
         for batch in args.batches:
             tokens = batch * side * side
             cached = median(measured[(side, batch, "cache")])
-            for mode in ("cache", "CFG", "no cache"):
+            for mode in MODES:
                 runs = measured.get((side, batch, mode))
                 seconds = median(runs) if runs else estimates[(side, batch)]
                 rows.append({
@@ -120,6 +131,11 @@ def main(args: argparse.Namespace) -> None:
                         f"no cache: {args.no_cache_repeats})", columns, rows,
                         digits={"seconds": 2, "tokens_per_s": 0, "vs_cache": 2, "no_cache_estimate_s": 1})
     print(f"\nseeded cached and uncached runs give equal codes: {equal_codes}")
+    for side, batch, mode in measured:
+        if mode == "dynamic cache":
+            same = torch.equal(codes[(side, batch, "cache")], codes[(side, batch, mode)])
+            equal_codes[f"{side}x{side} batch {batch} static vs dynamic cache"] = bool(same)
+            print(f"static and dynamic caches give equal codes, {side}x{side} batch {batch}: {same}")
     by_case = {(r["grid"], r["batch"], r["mode"]): r for r in rows}
     targets = {}
     key = ("16x16", 16)
