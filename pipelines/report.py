@@ -91,9 +91,11 @@ METRICS: dict[str, Metric] = {
     "distinct_3": Metric("Distinct-3", "closer", "Unique word trigrams / all trigrams (higher = more diverse)."),
     "self_bleu4": Metric("Self-BLEU-4", "closer", "BLEU-4 of each sample against the others (lower = more diverse)."),
     "length_mean": Metric("Length mean", "closer", "Mean sample length in UTF-8 bytes."),
-    "length_std": Metric("Length std", "closer", "Standard deviation of sample length in bytes."),
-    "length_min": Metric("Length min", "closer", "Shortest sample in bytes."),
-    "length_max": Metric("Length max", "closer", "Longest sample in bytes."),
+    # The spread of lengths is shown, not scored: it would count one property four times (and fixed-size windows
+    # make every variant tie on it).
+    "length_std": Metric("Length std", None, "Standard deviation of sample length in bytes."),
+    "length_min": Metric("Length min", None, "Shortest sample in bytes."),
+    "length_max": Metric("Length max", None, "Longest sample in bytes."),
     "ngram_perplexity": Metric("n-gram perplexity", "closer",
                                "Per-byte perplexity under a character 5-gram model fit on the train split (fluency)."),
     "sentiment_agreement": Metric("Sentiment agreement", "higher",

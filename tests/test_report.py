@@ -243,6 +243,8 @@ def test_better_value_is_marked(image_run, text_run):
     _, _, text_page, _ = text_run
     assert _marked(text_page, "generation", "distinct_1") == {"vqgan"}  # closer to real, although lower
     assert _marked(text_page, "generation", "length_max") == set()  # tie
+    assert _marked(text_page, "generation", "length_min") == set()  # shown, not scored (VQGAN's 3 is nearer 2)
+    assert _marked(text_page, "generation", "length_mean") == {"vqgan"}
 
 
 @pytest.mark.parametrize(
