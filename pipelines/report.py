@@ -186,24 +186,31 @@ def format_value(value, unit: str = "") -> str:
     return str(value)
 
 
+# Differences under 1% are noise at these sample sizes (and a 4th-decimal lead in distinct-n is no lead).
+TIE_TOLERANCE = 0.01
+
+
 def better_variant(key: str, values: dict) -> str | None:
     """"vqvae" or "vqgan" (whichever is better on `key`), "tie", or None when the metric is not judged.
 
-    `values` maps columns ("vqvae", "vqgan", "real") to numbers. Values that look equal at 4 significant
-    digits are a tie; "closer" metrics need the real baseline.
+    `values` maps columns ("vqvae", "vqgan", "real") to numbers. Values within TIE_TOLERANCE of each other
+    (relative to the larger) are a tie, and so are "closer" metrics whose distances to the real baseline differ
+    by less than that share of the values; "closer" metrics need the real baseline.
     """
     metric = METRICS.get(key)
     a, b = values.get("vqvae"), values.get("vqgan")
     if metric is None or metric.direction is None or not all(_is_number(v) and math.isfinite(v) for v in (a, b)):
         return None
-    if format_value(float(a), metric.unit) == format_value(float(b), metric.unit):
+    scale = max(abs(a), abs(b))
+    if format_value(float(a), metric.unit) == format_value(float(b), metric.unit) or abs(a - b) < TIE_TOLERANCE * scale:
         return "tie"
     if metric.direction == "closer":
         real = values.get("real")
         if not (_is_number(real) and math.isfinite(real)):
             return None
+        scale = max(scale, abs(real))
         a, b = -abs(a - real), -abs(b - real)  # higher = closer
-        if math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12):
+        if abs(a - b) < TIE_TOLERANCE * scale:
             return "tie"
     elif metric.direction == "lower":
         a, b = -a, -b
@@ -267,11 +274,12 @@ def summarize(metrics: dict) -> str:
                 f"{len(judged)} generation metrics with a direction")
     else:
         winner, loser = ("vqvae", "vqgan") if a > b else ("vqgan", "vqvae")
-        text = (f"Judged by {judged_on}, **{COLUMN_NAMES[winner]}** gave the better samples: it leads on "
+        verdict = "gave the better samples" if 2 * len(wins[winner]) > len(judged) else "is narrowly ahead"
+        text = (f"Judged by {judged_on}, **{COLUMN_NAMES[winner]}** {verdict}: it leads on "
                 f"{len(wins[winner])} of {len(judged)} generation metrics with a direction ({_labels(wins[winner])})")
         text += f", {COLUMN_NAMES[loser]} on {len(wins[loser])}"
         text += f" ({_labels(wins[loser])})" if wins[loser] else ""
-    text += f", with {len(ties)} tied ({_labels(ties)})." if ties else "."
+    text += f", with {len(ties)} tied within 1% ({_labels(ties)})." if ties else "."
 
     gaps = []
     for key, values, verdict in _table_rows(generation):

@@ -256,6 +256,11 @@ def test_better_value_is_marked(image_run, text_run):
         ("length_mean", {"vqvae": 20.0, "vqgan": 30.0, "real": 25.0}, "tie"),
         ("length_mean", {"vqvae": 10.0, "vqgan": 30.0}, None),  # no real baseline to be close to
         ("recall", {"vqvae": 0.30001, "vqgan": 0.3}, "tie"),  # equal at 4 significant digits
+        ("fd_classifier", {"vqvae": 10.0, "vqgan": 10.09}, "tie"),  # under 1% apart
+        ("fd_classifier", {"vqvae": 10.0, "vqgan": 10.2}, "vqvae"),  # 2% apart
+        # distances to real 0.1415 and 0.1392: a lead of 0.0023, under 1% of the values
+        ("distinct_1", {"vqvae": 0.4999, "vqgan": 0.4976, "real": 0.3584}, "tie"),
+        ("ngram_perplexity", {"vqvae": 11.29, "vqgan": 11.81, "real": 5.47}, "vqvae"),
         ("recall", {"vqvae": 0.3, "vqgan": None}, None),
         ("recall", {"vqvae": 0.3, "vqgan": math.nan}, None),
         ("kid_std", {"vqvae": 0.3, "vqgan": 0.1}, None),
@@ -301,6 +306,14 @@ def test_summary_names_the_winner_in_both_directions(image_run):
     swapped = summarize(_swap(metrics))
     assert "**VQ-VAE** gave the better samples: it leads on 6 of 8" in swapped
     assert "VQGAN on 1 (Precision)" in swapped
+
+
+def test_summary_says_narrowly_when_most_metrics_tie():
+    close = {"generation": {"vqvae": {"recall": 0.500, "precision": 0.900, "class_accuracy": 0.70},
+                            "vqgan": {"recall": 0.501, "precision": 0.901, "class_accuracy": 0.60}}}
+    text = summarize(close)
+    assert "**VQ-VAE** is narrowly ahead: it leads on 1 of 3" in text
+    assert "with 2 tied within 1% (Precision, Recall)" in text
 
 
 def test_summary_without_a_verdict(tmp_path):
