@@ -188,12 +188,14 @@ class VQPipeline:
         batch_size: int | None = None,
         output_type: str = "pil",
         use_cache: bool = True,
+        static_cache: bool = False,
     ) -> VQPipelineOutput:
         """Sample `num_samples` code grids from the prior and decode them.
 
         class_labels: one label per sample (or one int for all); None samples the null class
         (unconditional) on a conditional prior. guidance_scale: classifier-free guidance
-        strength (1.0 = off). seed: equal seeds give equal samples.
+        strength (1.0 = off). seed: equal seeds give equal samples. use_cache / static_cache: the KV cache
+        (on by default) and whether it is preallocated (off by default: see stage2_prior.sampling).
         """
         labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
                                            batch_size, output_type)
@@ -209,7 +211,7 @@ class VQPipeline:
             else:
                 chunk = None
             codes.append(sample_codes(self.prior, self.layout, count, chunk, guidance_scale, temperature, top_k,
-                                      top_p, generator, use_cache=use_cache))
+                                      top_p, generator, use_cache=use_cache, static_cache=static_cache))
         codes = torch.cat(codes).view(num_samples, *self.tokenizer.config.latent_shape)
         output = VQPipelineOutput(codes=codes.cpu(), class_labels=labels)
         decoded = [self.tokenizer.decode(codes[i : i + batch_size]) for i in range(0, num_samples, batch_size)]

@@ -25,10 +25,10 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
     return logits
 
 
-# A static KV cache writes each step in place; the default dynamic one concatenates, copying the whole cache every
-# step. Measured on 2 CPU cores (`small` prior, 256 codes, one thread): 22.5 vs 37.6 ms per step at 16 rows, 35 vs
-# 62 ms at 32 (CFG), on par at 1-2 rows. Below this many rows the dynamic cache is kept.
-STATIC_CACHE_MIN_ROWS = 4
+# The default KV cache is transformers' dynamic one, which grows by concatenation. `static_cache=True` preallocates a
+# StaticCache and writes in place instead (what torch.compile / CUDA graphs want). On 2 idle CPU cores it did not
+# pay off: 3.64 s static vs 3.38 s dynamic for 16 x 256 codes, 21.0-22.5 s vs 20.7 s for 16 x 1,024 codes
+# (benchmarks/bench_sampling.py): attention then always spans the whole preallocated length.
 
 
 def make_static_cache(prior: PreTrainedModel, rows: int, max_len: int):
@@ -57,12 +57,13 @@ def sample_codes(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    static_cache: bool = False,
 ) -> torch.Tensor:
     """Draw (num_samples, num_codes) code indices; only code tokens (0..K-1) can ever be drawn.
 
     With classifier-free guidance (guidance_scale != 1, conditional prior) the conditional and
-    unconditional rows run in one batched forward per step: logits = u + s * (c - u). From
-    STATIC_CACHE_MIN_ROWS rows on, the KV cache is a preallocated StaticCache.
+    unconditional rows run in one batched forward per step: logits = u + s * (c - u).
+    `static_cache=True` (with `use_cache`) uses a preallocated StaticCache instead of the growing default one.
     `temperature=0` means greedy decoding. Random draws use `generator` (on the CPU), so equal
     seeds give equal codes on any device.
     """
@@ -74,7 +75,7 @@ def sample_codes(
     sequence = condition.unsqueeze(1)  # (B or 2B, 1)
     codes = torch.empty(num_samples, layout.num_codes, dtype=torch.long, device=device)
     cache = None
-    if use_cache and sequence.shape[0] >= STATIC_CACHE_MIN_ROWS and isinstance(prior, PreTrainedModel):
+    if use_cache and static_cache:
         cache = make_static_cache(prior, sequence.shape[0], layout.num_codes + 1)
     step_input = sequence
     for position in range(layout.num_codes):

@@ -68,9 +68,8 @@ def test_build_prior_fits_layout():
 # --------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("temperature", [0, 1.0], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-cfg", "cfg"])
-@pytest.mark.parametrize("static_from_rows", [1, 10_000], ids=["static-cache", "dynamic-cache"])
-def test_kv_cache_matches_full_recompute(pipe, temperature, guidance_scale, static_from_rows, monkeypatch):
-    monkeypatch.setattr(sampling, "STATIC_CACHE_MIN_ROWS", static_from_rows)
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_kv_cache_matches_full_recompute(pipe, temperature, guidance_scale, static_cache, monkeypatch):
     made, real = [], sampling.make_static_cache
 
     def spy(prior, rows, max_len):
@@ -79,12 +78,18 @@ def test_kv_cache_matches_full_recompute(pipe, temperature, guidance_scale, stat
 
     monkeypatch.setattr(sampling, "make_static_cache", spy)
     kwargs = dict(temperature=temperature, guidance_scale=guidance_scale, top_k=40 if temperature else None)
-    cached = draw(pipe, use_cache=True, **kwargs)
+    cached = draw(pipe, use_cache=True, static_cache=static_cache, **kwargs)
     rows = 8 if guidance_scale != 1.0 else 4
-    assert made == ([(rows, pipe.layout.num_codes + 1)] if static_from_rows == 1 else [])
+    assert made == ([(rows, pipe.layout.num_codes + 1)] if static_cache else [])
     uncached = draw(pipe, use_cache=False, **kwargs)
     assert cached.shape == (4, pipe.layout.num_codes)
     assert torch.equal(cached, uncached)
+
+
+def test_generate_with_a_static_cache_draws_the_same_codes(pipe):
+    kwargs = dict(num_samples=4, class_labels=LABELS.tolist(), guidance_scale=2.0, seed=0, output_type="pt")
+    default, static = pipe.generate(**kwargs), pipe.generate(static_cache=True, **kwargs)
+    assert torch.equal(default.codes, static.codes)
 
 
 def test_greedy_matches_reference_decoder(pipe):
