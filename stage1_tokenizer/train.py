@@ -25,18 +25,29 @@ from .train_utils import (
 
 
 def build_config(args, in_channels: int | None, class_names: list[str] | None) -> VQConfig:
-    """VQConfig from --config FILE or --preset, with the command line's overrides."""
+    """VQConfig of --preset, with --config's fields over it and the command line's overrides over both."""
     overrides = {"variant": args.variant, "modality": args.modality, "class_names": class_names}
     if in_channels is not None:
         overrides["in_channels"] = in_channels
     for field in ("perceptual_backend", "disc_start", "ema_decay", "codebook_size", "resolution"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
-    if args.config:
-        fields = json.loads(Path(args.config).read_text())
-        fields.update(overrides)
-        return VQConfig(**fields)
-    return VQConfig.from_preset(args.preset, **overrides)
+    fields = read_config_fields(args.config) if args.config else {}
+    return VQConfig.from_preset(args.preset, **{**fields, **overrides})
+
+
+def read_config_fields(config: str) -> dict:
+    """--config: a JSON object inline (`'{"codebook_size": 1024}'`) or the path of a JSON file (a config.json)."""
+    inline = config.lstrip().startswith("{")
+    if not inline and not Path(config).is_file():
+        raise ValueError(f"--config {config!r} is neither a JSON object nor an existing file")
+    try:
+        fields = json.loads(config if inline else Path(config).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config {'value' if inline else repr(config)} is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--config must hold a JSON object of VQConfig fields, got {type(fields).__name__}")
+    return fields
 
 
 def build_datasets(args, config: VQConfig, train_split):
@@ -264,7 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modality", choices=("image", "text"), default="image")
     parser.add_argument("--variant", choices=VARIANTS, default="vqgan")
     parser.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default="tiny")
-    parser.add_argument("--config", help="VQConfig fields as JSON (overrides the preset's model fields)")
+    parser.add_argument("--config", help="VQConfig fields over the preset's: a JSON object or a JSON file "
+                                         "(e.g. a trained tokenizer's config.json)")
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")

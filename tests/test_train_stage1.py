@@ -255,3 +255,29 @@ def test_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
     assert message in err.splitlines()[-1] and "error:" in err.splitlines()[-1]
     assert "Traceback" not in err
 
+
+
+def test_config_fields_go_over_the_preset_inline_or_from_a_file(tmp_path):
+    from stage1_tokenizer.train import build_config, parse_args
+
+    base = ["--max-steps", "1", "--output-dir", str(tmp_path / "out"), "--preset", "small"]
+    inline = build_config(parse_args(base + ["--config", '{"codebook_size": 1024, "kmeans_init": false}']), 1, None)
+    small = TOKENIZER_PRESETS["small"]["model"]
+    assert inline.codebook_size == 1024 and inline.kmeans_init is False
+    assert inline.base_channels == small["base_channels"] and inline.perceptual_depth == small["perceptual_depth"]
+    saved = tmp_path / "config.json"
+    inline.save_pretrained(tmp_path)  # a trained tokenizer's config.json works as --config too
+    again = build_config(parse_args(base + ["--config", str(saved), "--codebook-size", "256"]), 1, None)
+    assert again.codebook_size == 256  # the command line wins over the file
+    assert again.kmeans_init is False and again.base_channels == small["base_channels"]
+
+
+@pytest.mark.parametrize("value, needle", [
+    ('{"codebook_size": 1', "--config value is not valid JSON"),
+    ("missing.json", "--config 'missing.json' is neither a JSON object nor an existing file"),
+])
+def test_bad_config_is_named(tmp_path, capsys, value, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["--dataset", "digits", "--max-steps", "1", "--output-dir", str(tmp_path / "out"), "--config", value])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
