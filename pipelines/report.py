@@ -202,7 +202,7 @@ def better_variant(key: str, values: dict) -> str | None:
     if metric is None or metric.direction is None or not all(_is_number(v) and math.isfinite(v) for v in (a, b)):
         return None
     scale = max(abs(a), abs(b))
-    if format_value(float(a), metric.unit) == format_value(float(b), metric.unit) or abs(a - b) < TIE_TOLERANCE * scale:
+    if abs(a - b) <= TIE_TOLERANCE * scale:  # also every pair that prints the same at 4 significant digits
         return "tie"
     if metric.direction == "closer":
         real = values.get("real")
@@ -210,7 +210,7 @@ def better_variant(key: str, values: dict) -> str | None:
             return None
         scale = max(scale, abs(real))
         a, b = -abs(a - real), -abs(b - real)  # higher = closer
-        if abs(a - b) < TIE_TOLERANCE * scale:
+        if abs(a - b) <= TIE_TOLERANCE * scale:
             return "tie"
     elif metric.direction == "lower":
         a, b = -a, -b
@@ -279,7 +279,7 @@ def summarize(metrics: dict) -> str:
                 f"{len(wins[winner])} of {len(judged)} generation metrics with a direction ({_labels(wins[winner])})")
         text += f", {COLUMN_NAMES[loser]} on {len(wins[loser])}"
         text += f" ({_labels(wins[loser])})" if wins[loser] else ""
-    text += f", with {len(ties)} tied within 1% ({_labels(ties)})." if ties else "."
+    text += f", with {len(ties)} tied within {TIE_TOLERANCE:.0%} ({_labels(ties)})." if ties else "."
 
     gaps = []
     for key, values, verdict in _table_rows(generation):

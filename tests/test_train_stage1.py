@@ -256,7 +256,6 @@ def test_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
     assert "Traceback" not in err
 
 
-
 def test_config_fields_go_over_the_preset_inline_or_from_a_file(tmp_path):
     from stage1_tokenizer.train import build_config, parse_args
 
