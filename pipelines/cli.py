@@ -62,7 +62,7 @@ def _compare(args: argparse.Namespace) -> None:
 
     run_compare(dataset=args.dataset, modality=args.modality, budget=args.budget, output_dir=Path(args.output_dir),
                 seed=args.seed, class_conditional=args.class_conditional, force=args.force,
-                perceptual_backend=args.perceptual)
+                perceptual_backend=args.perceptual, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--perceptual", choices=("lpips", "random-vgg", "none"), default="random-vgg",
                          help="VQGAN perceptual loss backend (lpips needs downloadable VGG16 weights)")
     compare.add_argument("--force", action="store_true", help="retrain runs already present in --output-dir")
+    compare.add_argument("--threads", type=_positive_int,
+                         help="CPU threads for torch, here and in the training processes (default: OMP_NUM_THREADS, "
+                              "else one per usable core)")
     compare.set_defaults(func=_compare)
 
     sample = sub.add_parser("sample", help="sample from a pipeline folder or Hub repo")

@@ -7,6 +7,8 @@ import inspect
 import torch
 from transformers import PreTrainedModel, StaticCache
 
+from stage1_tokenizer.threads import rebalance_threads
+
 from .modeling import TokenLayout, cache_kwarg, output_cache
 
 
@@ -79,6 +81,7 @@ def sample_codes(
         cache = make_static_cache(prior, sequence.shape[0], layout.num_codes + 1)
     step_input = sequence
     for position in range(layout.num_codes):
+        rebalance_threads()
         logits, cache = _forward(prior, step_input if use_cache else sequence, cache, use_cache)
         logits = logits[:, : layout.codebook_size]  # only code tokens are candidates
         if guided:

@@ -17,6 +17,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from stage1_tokenizer.data import BUILTIN_DATASETS, DataError, StepBatchSampler
 from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
 from stage1_tokenizer.train_utils import (
     MetricsLogger, NonFiniteGuard, check_compile_available, mixed_precision_mode, resume_checkpoint, run_cli,
     save_checkpoint, tune_allocator,
@@ -69,6 +70,7 @@ def save_sample_grid(pipeline, path: Path, seed: int, per_class: int = 8):
 
 def main(args: argparse.Namespace) -> None:
     tune_allocator()
+    set_torch_threads(args.threads)
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -134,6 +136,7 @@ def main(args: argparse.Namespace) -> None:
             optimizer.step()
         scheduler.step()
         step += 1
+        rebalance_threads()
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
@@ -196,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-eval-items", type=int, default=2000, help="cap on validation sequences")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: OMP_NUM_THREADS, else one per "
+                                                    "usable core; see README, Threads)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training loss (faster steps after a minute of compilation)")
     parser.add_argument("--log-every", type=int)
@@ -205,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--max-nonfinite", type=int, default=20)
     args = parser.parse_args(argv)
-    for name in ("max_steps", "decay_steps", "batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
+    for name in ("max_steps", "threads", "decay_steps", "batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
                  "keep_checkpoints", "max_nonfinite", "max_eval_items"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -1,0 +1,116 @@
+"""CPU threading for a shared machine: torch's intra-op threads follow the cores other processes leave free.
+
+PyTorch's CPU kernels run on OpenMP (libgomp on Linux), whose idle workers spin for up to ~300k iterations at
+every barrier before they sleep. On an idle machine that spinning is what makes small kernels fast. On a CPU
+shared with any other busy process it is ruinous: a sibling thread is often descheduled, so every parallel
+region waits out a scheduler tick while its partner burns the core it needs (a 2-core training beside one busy
+process ran 2.5x slower than on one thread; README, "Threads").
+
+So vqgen keeps the spinning and instead sizes the thread pool: `ThreadGovernor` measures, about once a second,
+how much CPU time the other processes took on this process's cores (/proc/stat minus /proc/self/stat) and
+sets torch's thread count to the cores left free. Training and sampling loops call `rebalance_threads()`,
+which costs a clock read between checks. A thread count the user chose (`--threads`, OMP_NUM_THREADS) is
+never changed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+CHECK_INTERVAL_S = 1.0  # long enough to average over scheduler ticks, short against any training run
+# Share of a core the other processes must take before a thread is given up (an idle machine's background
+# noise is well under 0.1 core; one busy neighbour takes 0.6-1.0 core).
+OTHER_LOAD_THRESHOLD = 0.5
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask, capped by a cgroup v2 CPU quota if one is set."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def user_threads() -> int | None:
+    """The thread count the user fixed through OMP_NUM_THREADS, if any."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
+class ThreadGovernor:
+    """Sets torch's intra-op thread count to the cores that other processes leave free, re-checked each second."""
+
+    def __init__(self, max_threads: int, interval: float = CHECK_INTERVAL_S):
+        self.max_threads = max_threads
+        self.interval = interval
+        self.ticks_per_second = os.sysconf("SC_CLK_TCK")
+        try:
+            self.cpus = {f"cpu{index}" for index in os.sched_getaffinity(0)}
+            self._last = self._sample()
+        except (AttributeError, OSError, ValueError, IndexError):
+            self._last = None  # no /proc (not Linux): nothing to measure, the pool keeps max_threads
+        self.threads = max_threads
+        self.other_load = 0.0
+
+    def _sample(self) -> tuple[float, int, int]:
+        """(monotonic seconds, busy ticks of this process's cores, this process's own CPU ticks)."""
+        busy = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name in self.cpus:
+                # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy
+                values = [int(v) for v in fields[:8]]
+                busy += sum(values) - values[3] - values[4]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return time.monotonic(), busy, int(own[11]) + int(own[12])  # utime + stime
+
+    def update(self) -> int:
+        """Re-measure if a check is due and resize the pool; returns the thread count in force."""
+        if self._last is None or time.monotonic() - self._last[0] < self.interval:
+            return self.threads
+        import torch
+
+        now = self._sample()
+        elapsed = (now[0] - self._last[0]) * self.ticks_per_second
+        self.other_load = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / elapsed
+        self._last = now
+        free = len(self.cpus) - self.other_load
+        threads = self.max_threads if self.other_load < OTHER_LOAD_THRESHOLD else max(1, math.floor(free + 0.5))
+        self.threads = min(self.max_threads, threads)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self.threads
+
+
+_governor: ThreadGovernor | None = None
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Fix torch's thread count to `threads`, or (None) follow the free cores unless OMP_NUM_THREADS is set."""
+    global _governor
+    import torch
+
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} must be an integer >= 1")
+    fixed = threads or user_threads()
+    count = fixed or usable_cores()
+    _governor = None if fixed else ThreadGovernor(count)
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
+def rebalance_threads() -> None:
+    """Let the governor (if set_torch_threads started one) resize the pool; cheap enough to call every step."""
+    if _governor is not None:
+        _governor.update()
