@@ -14,6 +14,7 @@ from PIL import Image
 
 from stage1_tokenizer.data import load_split, text_dataset
 from stage1_tokenizer.modeling_text import bytes_to_strings
+from stage1_tokenizer.threads import set_torch_threads
 
 from . import evaluation as ev
 from .pipeline import VQPipeline
@@ -41,6 +42,27 @@ MODALITY_BUDGETS: dict[str, dict[str, dict]] = {"text": {
     # tiny-shakespeare / SST-2: ~7 tokenizer steps/s at batch 32 on 2 cores; 3000 steps reach 97% byte accuracy.
     "standard": dict(tokenizer_steps=3000, disc_start=1000),
 }}
+
+
+# A discriminator "separated" real from fake when, over the last quarter of its logged steps, its hinge loss
+# fell below this (1.0 is chance: logits near 0) and it put most real and most fake patches on their own side.
+SEPARATED_MAX_LOSS = 0.95
+SEPARATED_MIN_ACCURACY = 0.55
+HEALTH_KEYS = ("disc_loss", "logits_real", "logits_fake", "disc_acc_real", "disc_acc_fake", "gan_weight",
+               "adaptive_weight")
+
+
+def gan_health(log_rows: list[dict]) -> dict | None:
+    """The discriminator's state over the last quarter of its logged steps (a VQGAN metrics.jsonl); None if none."""
+    rows = [row for row in log_rows if "disc_loss" in row]
+    if not rows:
+        return None
+    tail = rows[len(rows) - max(1, len(rows) // 4):]
+    health = {key: sum(row[key] for row in tail) / len(tail) for key in HEALTH_KEYS if key in tail[0]}
+    health.update(first_step=tail[0]["step"], last_step=tail[-1]["step"])
+    accuracy = min(health.get("disc_acc_real", 0.0), health.get("disc_acc_fake", 0.0))
+    health["separated"] = health["disc_loss"] <= SEPARATED_MAX_LOSS and accuracy >= SEPARATED_MIN_ACCURACY
+    return health
 
 
 def budget_settings(budget: str, modality: str) -> dict:
@@ -160,26 +182,62 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, budget: dict, ou
     real_grid = _per_class_images(real_test, test_labels, num_classes, per_class) if conditional else real_test[:64]
     _grid(real_grid, per_class if conditional else 8).save(figures / "samples_real.png")
     results["figures"]["samples"]["real"] = "figures/samples_real.png"
+    spectra = {"real test images": ev.radial_power_spectrum(real_test)}
     for variant, pipe in pipes.items():
         print(f"evaluating {variant}: reconstructions")
         results["reconstruction"][variant] = ev.reconstruction_metrics(pipe.tokenizer, dataset, classifier)
-        originals = real_test[:8]
-        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(originals)).cpu()
+        with torch.no_grad():
+            recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float().cpu()
+                                   for i in range(0, count, 250)])
+        results["reconstruction"][variant]["high_frequency_ratio"] = ev.high_frequency_ratio(recon_all, real_test)
+        spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = ev.radial_power_spectrum(recon_all)
+        originals, recon = real_test[:8], recon_all[:8]
         _grid(torch.cat([originals, recon]), 8).save(figures / f"reconstructions_{variant}.png")
         results["figures"]["reconstructions"][variant] = f"figures/reconstructions_{variant}.png"
         print(f"evaluating {variant}: {count} samples")
         fake = _generate_images(pipe, requested, count, budget["guidance_scale"], seed)
         results["generation"][variant] = ev.image_generation_metrics(classifier, real_test, fake, requested)
+        results["generation"][variant]["high_frequency_ratio"] = ev.high_frequency_ratio(fake, real_test)
+        spectra[f"{COLUMN_NAMES[variant]} samples"] = ev.radial_power_spectrum(fake)
         grid = _per_class_images(fake, torch.tensor(requested), num_classes, per_class) if conditional else fake[:64]
         _grid(grid, per_class if conditional else 8).save(figures / f"samples_{variant}.png")
         results["figures"]["samples"][variant] = f"figures/samples_{variant}.png"
         extra, notes = ev.optional_pretrained_metrics(real_test, fake)
         results["generation"][variant].update(extra)
         results["notes"] += [n for n in notes if n not in results["notes"]]
-    results["reconstruction"]["real"] = {"classifier_accuracy": classifier_info.get("test_accuracy")}
+    results["reconstruction"]["real"] = {"classifier_accuracy": classifier_info.get("test_accuracy"),
+                                         "high_frequency_ratio": 1.0}
     results["generation"]["real"] = ev.image_baseline_metrics(classifier, real_train, real_test,
                                                               test_labels if conditional else None)
+    results["generation"]["real"]["high_frequency_ratio"] = ev.high_frequency_ratio(real_train, real_test)
+    _spectrum_figure(spectra).savefig(figures / "power_spectrum.png", format="png", dpi=100)
+    results["figures"]["spectrum"] = "figures/power_spectrum.png"
     return results
+
+
+COLUMN_NAMES = {"vqvae": "VQ-VAE", "vqgan": "VQGAN"}
+
+
+def _spectrum_figure(spectra: dict):
+    """Radially averaged power spectra on a log scale: stripes and checkerboards show as a high-frequency excess."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.8), layout="constrained")
+    axis = figure.subplots()
+    styles = {"real": dict(color="#1f2328", linewidth=2.2), "VQ-VAE": dict(color="#1f77b4"),
+              "VQGAN": dict(color="#d95f02")}
+    for label, (frequencies, power) in spectra.items():
+        style = next(v for k, v in styles.items() if label.startswith(k))
+        axis.plot(frequencies, power, linestyle="--" if label.endswith("samples") else "-", label=label,
+                  **{"linewidth": 1.5, **style})
+    axis.set_yscale("log")
+    axis.axvline(0.25, color="#59636e", linestyle=":", linewidth=1.0)
+    axis.set_xlabel("spatial frequency (cycles / pixel)")
+    axis.set_ylabel("power")
+    axis.set_title("Radially averaged power spectrum (right of the dotted line: high frequencies)", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(frameon=False, fontsize=8)
+    return figure
 
 
 def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, budget: dict, seed: int) -> dict:
@@ -239,10 +297,13 @@ def evaluate_pipeline_folder(folder: Path, dataset: str | None = None, num_sampl
 
 def run_compare(dataset: str | None, modality: str, budget: str, output_dir: Path, seed: int = 0,
                 class_conditional: bool | None = None, force: bool = False,
-                perceptual_backend: str = "random-vgg") -> dict:
+                perceptual_backend: str = "random-vgg", threads: int | None = None) -> dict:
     """Train both variants under identical settings, evaluate them, and write metrics.json and the report."""
     from .report import write_report
 
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the training processes inherit it
+    set_torch_threads(threads)
     started = time.time()
     dataset = dataset or DEFAULT_DATASETS[modality]
     settings = budget_settings(budget, modality)
@@ -264,6 +325,9 @@ def run_compare(dataset: str | None, modality: str, budget: str, output_dir: Pat
     else:
         results = evaluate_texts(pipes, dataset, settings, seed)
     results["prior"] = {v: p.metadata.get("prior_metrics", {}) for v, p in pipes.items()}
+    log_path = output_dir / "tokenizers" / "vqgan" / "metrics.jsonl"
+    if log_path.is_file():
+        results["gan_health"] = gan_health([json.loads(line) for line in log_path.read_text().splitlines() if line])
     results["training"] = training
     results["settings"] = dict(
         dataset=dataset, modality=modality, budget=budget, seed=seed, class_conditional=class_conditional,

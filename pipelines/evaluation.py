@@ -430,6 +430,34 @@ def image_baseline_metrics(classifier: FeatureClassifier, real_a, real_b, labels
 # ----------------------------------------------------------------------------------------------------
 
 
+def radial_power_spectrum(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean radially averaged power spectrum of (N, C, H, W) images: (frequencies in cycles/pixel, power).
+
+    Periodic artefacts (a decoder painting stripes) show as excess power at high frequencies against real images.
+    """
+    x = images.double().mean(1)  # (N, H, W), grey
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    power = torch.fft.fftshift(torch.fft.fft2(x).abs().pow(2), dim=(-2, -1)).mean(0)  # (H, W)
+    height, width = power.shape
+    fy = torch.fft.fftshift(torch.fft.fftfreq(height, dtype=torch.float64))
+    fx = torch.fft.fftshift(torch.fft.fftfreq(width, dtype=torch.float64))
+    radius = (fy[:, None].pow(2) + fx[None, :].pow(2)).sqrt()
+    bins = torch.round(radius * min(height, width)).long().flatten()  # rings one frequency step wide
+    count = torch.bincount(bins)
+    total = torch.bincount(bins, weights=power.flatten())
+    keep = (count > 0) & (torch.arange(len(count)) > 0) & (torch.arange(len(count)) <= min(height, width) // 2)
+    frequencies = torch.arange(len(count), dtype=torch.float64) / min(height, width)
+    return frequencies[keep].numpy(), (total[keep] / count[keep]).numpy()
+
+
+def high_frequency_ratio(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Power above a quarter cycle per pixel (the upper half of the spectrum), relative to the reference's."""
+    frequencies, power = radial_power_spectrum(images)
+    _, reference_power = radial_power_spectrum(reference)
+    high = frequencies > 0.25
+    return float(power[high].sum() / max(reference_power[high].sum(), 1e-12))
+
+
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor, max_db: float = 100.0) -> torch.Tensor:
     """Per-image PSNR (B,) in dB of [-1, 1] images (range 2: equal to [0, 1] with range 1), capped at max_db."""
     mse = (reference.float() - reconstruction.float()).pow(2).flatten(1).mean(1)

@@ -61,6 +61,9 @@ METRICS: dict[str, Metric] = {
     "lpips_vgg": Metric("LPIPS (VGG)", "lower",
                         "Learned perceptual distance to the originals (ImageNet VGG weights, only when cached)."),
     "num_items": Metric("Items", None, "Number of test items evaluated."),
+    "high_frequency_ratio": Metric("High-frequency power", "closer",
+                                   "Power above 0.25 cycles/pixel relative to the real test images' (1 = as real; "
+                                   "stripes or checkerboards push it up, blur pulls it down)."),
     # Generated images
     "fid": Metric("FID (InceptionV3)", "lower", "True FID with ImageNet InceptionV3 features (only when cached)."),
     "kid_mean": Metric("KID", "lower", "Kernel distance (unbiased MMD², cubic polynomial kernel) to real images in "
@@ -300,7 +303,23 @@ def summarize(metrics: dict) -> str:
         text += (f" On reconstruction of the test split VQ-VAE leads on {len(rec_wins['vqvae'])} and VQGAN on "
                  f"{len(rec_wins['vqgan'])} of {len(rec_judged)} metrics; reconstruction and sample quality "
                  "need not agree.")
-    return text
+    return text + gan_health_sentence(metrics.get("gan_health"))
+
+
+def gan_health_sentence(health) -> str:
+    """A sentence on whether VQGAN's discriminator separated real from reconstructed images ('' without data)."""
+    if not isinstance(health, dict) or not _is_number(health.get("disc_loss")):
+        return ""
+    accuracy = (f", accuracy {health.get('disc_acc_real', float('nan')):.0%} on real and "
+                f"{health.get('disc_acc_fake', float('nan')):.0%} on reconstructed patches"
+                if _is_number(health.get("disc_acc_real")) else "")
+    figures = (f"hinge loss {health['disc_loss']:.3f}{accuracy} over the last quarter of its steps; "
+               "1.0 and 50% are chance")
+    if health.get("separated"):
+        return f" VQGAN's discriminator separated real from reconstructed images ({figures})."
+    return (f" **VQGAN's discriminator never separated real from reconstructed images** ({figures}), so its "
+            "adversarial term carried no signal: read the VQGAN column as an L1 + perceptual autoencoder, not as "
+            "a working GAN (see GAN health under Training curves).")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -420,6 +439,39 @@ def _curve_figure(panels: list[tuple[str, str, dict[str, tuple[list[int], list[f
     return figure
 
 
+HEALTH_COLORS = {"real": "#1a7f37", "fake": "#d95f02"}
+
+
+def _gan_health_figure(rows: list[dict]):
+    """VQGAN's discriminator over its steps: hinge loss, mean logits and accuracy on real and fake, GAN weight."""
+    from matplotlib.figure import Figure
+
+    loss_steps, loss = _series(rows, "disc_loss")
+    if not loss_steps:
+        return None
+    weight_key = "adaptive_weight" if _series(rows, "adaptive_weight")[0] else "gan_weight"
+    panels = [
+        ("discriminator hinge loss (1.0 = chance)", {"hinge loss": (loss_steps, loss)}, 1.0),
+        ("mean logit", {"real": _series(rows, "logits_real"), "fake": _series(rows, "logits_fake")}, 0.0),
+        ("share of patches classified right", {"real": _series(rows, "disc_acc_real"),
+                                               "fake": _series(rows, "disc_acc_fake")}, 0.5),
+        (f"GAN weight ({weight_key})", {weight_key: _series(rows, weight_key)}, None),
+    ]
+    figure = Figure(figsize=(5.0 * len(panels), 3.3), layout="constrained")
+    for axis, (title, series, chance) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, (steps, values) in series.items():
+            if steps:
+                axis.plot(steps, values, color=HEALTH_COLORS.get(label, COLORS["vqgan"]), linewidth=1.4, label=label)
+        if chance is not None:
+            axis.axhline(chance, color="#59636e", linestyle=":", linewidth=1.0)
+        axis.set_title(title, fontsize=11)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if len(series) > 1:
+            axis.legend(frameon=False)
+    return figure
+
+
 def write_training_plots(output_dir: Path) -> list[tuple[str, str]]:
     """Draw the stage-1 and stage-2 curves into output_dir/figures; returns (title, relative path) per plot."""
     stage1 = {v: _read_log(output_dir / "tokenizers" / v / "metrics.jsonl") for v in VARIANTS}
@@ -435,6 +487,7 @@ def write_training_plots(output_dir: Path) -> list[tuple[str, str]]:
         "curves_codebook_usage.png": ("Stage 1: codebook usage", _curve_figure(
             [("codebook usage over a window of batches", "codes used (%)", series(stage1, "codebook_usage")),
              ("code perplexity", "perplexity", series(stage1, "perplexity"))], disc_start=disc_start)),
+        "curves_gan_health.png": ("Stage 1: GAN health (VQGAN's discriminator)", _gan_health_figure(stage1["vqgan"])),
         "curves_prior.png": ("Stage 2: prior bits per code", _curve_figure(
             [("validation bits per code", "bits / code", series(stage2, "val_bits_per_code")),
              ("training bits per code", "bits / code", series(stage2, "bits_per_code"))])),
@@ -665,9 +718,13 @@ def _render_html(metrics: dict, figures: _Figures, plots: list[tuple[str, str]],
     if samples:
         sections.append(("samples", "Generated samples", "".join(samples)))
     if isinstance(paths.get("reconstructions"), dict) and paths["reconstructions"]:
+        spectrum = figures.png(paths["spectrum"], "power spectrum") if paths.get("spectrum") else None
         sections.append(("reconstructions", "Reconstructions",
                          _figure_row(figures, paths["reconstructions"], "reconstructions")
-                         + '<p class="caption">Test images (top row) and their reconstructions (bottom row).</p>'))
+                         + '<p class="caption">Test images (top row) and their reconstructions (bottom row).</p>'
+                         + (f'<figure class="plot"><figcaption>Power spectra of real images, reconstructions '
+                            f'(solid) and samples (dashed)</figcaption>{_img(spectrum, "power spectrum", False)}'
+                            "</figure>" if spectrum else "")))
 
     tables = []
     for name, heading in TABLES.items():
@@ -776,6 +833,9 @@ def _render_markdown(metrics: dict, figures: _Figures, plots: list[tuple[str, st
     if isinstance(paths.get("reconstructions"), dict) and paths["reconstructions"]:
         lines += ["## Reconstructions", "", "Test images (top row) and their reconstructions (bottom row).", ""]
         lines += _md_figures(figures, paths["reconstructions"], "reconstructions")
+        if paths.get("spectrum"):
+            lines += ["Power spectra of real images, reconstructions (solid) and samples (dashed):", "",
+                      f"![power spectrum]({figures.link(paths['spectrum'])})", ""]
     tables = []
     for name, heading in TABLES.items():
         table = _metric_table_md(_section(metrics, name))

@@ -9,6 +9,9 @@ from transformers import PretrainedConfig
 MODALITIES = ("image", "text")
 VARIANTS = ("vqvae", "vqgan")
 PERCEPTUAL_BACKENDS = ("lpips", "random-vgg", "none")
+DISC_NORMS = ("batch", "group", "none")
+DISC_INITS = ("dcgan", "default")
+GAN_WEIGHTINGS = ("adaptive", "fixed")
 BYTE_VOCAB_SIZE = 257  # 256 UTF-8 byte values + one pad symbol
 PAD_BYTE = 256
 
@@ -52,6 +55,20 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         train=dict(batch_size=32, learning_rate=2e-4, disc_learning_rate=2e-4, log_every=50,
                    sample_every=2000, checkpoint_every=2000),
     ),
+}
+
+
+# Named adversarial recipes: VQConfig fields set together by `--gan-recipe`. "taming" reproduces
+# taming-transformers (BatchNorm PatchGAN scored on real and fake batches in separate calls, trained only from
+# disc_start, adaptive weight clamped at 1e4); "vqgen" is the default, chosen by the ablation in the README
+# ("Choosing the GAN recipe").
+GAN_RECIPES: dict[str, dict[str, Any]] = {
+    "taming": dict(disc_norm="batch", disc_init="dcgan", disc_spectral_norm=False, disc_blur=False,
+                   disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
+                   lecam_weight=0.0),
+    "vqgen": dict(disc_norm="group", disc_init="default", disc_spectral_norm=False, disc_blur=False,
+                  disc_train_start=0, gan_weighting="fixed", disc_weight=0.02, adaptive_weight_max=1e4,
+                  lecam_weight=0.0),
 }
 
 
@@ -107,11 +124,18 @@ class VQConfig(PretrainedConfig):
         perceptual_weight: float = 1.0,
         perceptual_backend: str = "random-vgg",
         perceptual_depth: int = 5,
-        disc_weight: float = 0.5,
+        disc_weight: float = GAN_RECIPES["vqgen"]["disc_weight"],
         disc_start: int = 1000,
+        disc_train_start: int | None = GAN_RECIPES["vqgen"]["disc_train_start"],
         disc_channels: int = 32,
         disc_layers: int = 2,
-        adaptive_weight_max: float = 1e4,
+        disc_norm: str = GAN_RECIPES["vqgen"]["disc_norm"],
+        disc_init: str = GAN_RECIPES["vqgen"]["disc_init"],
+        disc_spectral_norm: bool = GAN_RECIPES["vqgen"]["disc_spectral_norm"],
+        disc_blur: bool = GAN_RECIPES["vqgen"]["disc_blur"],
+        gan_weighting: str = GAN_RECIPES["vqgen"]["gan_weighting"],
+        adaptive_weight_max: float = GAN_RECIPES["vqgen"]["adaptive_weight_max"],
+        lecam_weight: float = GAN_RECIPES["vqgen"]["lecam_weight"],
         feature_matching_weight: float = 0.0,
         class_names: list[str] | None = None,
         **kwargs,
@@ -144,9 +168,16 @@ class VQConfig(PretrainedConfig):
         self.perceptual_depth = perceptual_depth
         self.disc_weight = disc_weight
         self.disc_start = disc_start
+        self.disc_train_start = disc_train_start
         self.disc_channels = disc_channels
         self.disc_layers = disc_layers
+        self.disc_norm = disc_norm
+        self.disc_init = disc_init
+        self.disc_spectral_norm = disc_spectral_norm
+        self.disc_blur = disc_blur
+        self.gan_weighting = gan_weighting
         self.adaptive_weight_max = adaptive_weight_max
+        self.lecam_weight = lecam_weight
         self.feature_matching_weight = feature_matching_weight
         self.class_names = class_names
         unknown = sorted(set(kwargs) - _base_config_keys())
@@ -173,6 +204,13 @@ class VQConfig(PretrainedConfig):
         _check_choice("modality", self.modality, MODALITIES)
         _check_choice("variant", self.variant, VARIANTS)
         _check_choice("perceptual_backend", self.perceptual_backend, PERCEPTUAL_BACKENDS)
+        _check_choice("disc_norm", self.disc_norm, DISC_NORMS)
+        _check_choice("disc_init", self.disc_init, DISC_INITS)
+        _check_choice("gan_weighting", self.gan_weighting, GAN_WEIGHTINGS)
+        for name in ("disc_spectral_norm", "disc_blur", "l2_normalize", "kmeans_init", "rotation_trick",
+                     "attn_at_lowest"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false (a JSON boolean)")
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult={self.channel_mult!r} must be a non-empty list of positive integers")
         for name in ("base_channels", "num_res_blocks", "codebook_dim", "num_groups", "usage_window",
@@ -213,6 +251,11 @@ class VQConfig(PretrainedConfig):
             raise ValueError(f"perceptual_depth={self.perceptual_depth!r} must be 1..5 (VGG16 blocks before a tap)")
         if self.disc_start < 0:
             raise ValueError(f"disc_start={self.disc_start!r} must be >= 0")
+        if self.disc_train_start is not None and not 0 <= self.disc_train_start <= self.disc_start:
+            raise ValueError(f"disc_train_start={self.disc_train_start!r} must be None (train the discriminator "
+                             f"from disc_start, as taming) or between 0 and disc_start={self.disc_start}")
+        if self.lecam_weight < 0:
+            raise ValueError(f"lecam_weight={self.lecam_weight!r} must be >= 0")
         if self.variant == "vqgan":
             # Each of the PatchGAN's disc_layers halves the side, then two 4x4 stride-1 convs take 2 more.
             side_name = "resolution" if self.modality == "image" else "seq_len"

@@ -6,32 +6,76 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import VQConfig
+from .configuration import DISC_NORMS, VQConfig
+
+
+class Blur(nn.Module):
+    """Fixed [1, 2, 1] binomial low-pass per channel, before a strided conv (anti-aliasing, as in MaskBit)."""
+
+    def __init__(self, channels: int, dims: int):
+        super().__init__()
+        kernel = torch.tensor([1.0, 2.0, 1.0])
+        if dims == 2:
+            kernel = kernel[:, None] * kernel[None, :]
+        kernel = (kernel / kernel.sum()).expand(channels, 1, *kernel.shape).contiguous()
+        self.register_buffer("kernel", kernel, persistent=False)
+        self.conv = F.conv2d if dims == 2 else F.conv1d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
+
+
+def _norm(kind: str, channels: int, dims: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels // 4), channels)
+    return nn.Identity()
 
 
 class PatchDiscriminator(nn.Module):
-    """Strided conv stack that scores overlapping patches: (B, C, *spatial) -> (B, 1, *patches)."""
+    """Strided conv stack that scores overlapping patches: (B, C, *spatial) -> (B, 1, *patches).
 
-    def __init__(self, in_channels: int, channels: int, num_layers: int, conv: type = nn.Conv2d):
+    `norm="batch"` with real and fake batches in separate calls is taming-transformers' discriminator; "group" or
+    "none" score each sample on its own, and `spectral_norm` / `blur` are the stabilisers of later tokenizers.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_layers: int, conv: type = nn.Conv2d,
+                 norm: str = "batch", spectral_norm: bool = False, blur: bool = False, init: str = "dcgan"):
         super().__init__()
-        norm = nn.BatchNorm2d if conv is nn.Conv2d else nn.BatchNorm1d
-        layers: list[nn.Module] = [conv(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        if norm not in DISC_NORMS:
+            raise ValueError(f"disc_norm={norm!r} is not supported; expected one of {list(DISC_NORMS)}")
+        dims = 2 if conv is nn.Conv2d else 1
+        wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda module: module)
+
+        def block(width: int, out: int, stride: int, bias: bool) -> list[nn.Module]:
+            pre = [Blur(width, dims)] if blur and stride == 2 else []
+            return pre + [wrap(conv(width, out, 4, stride=stride, padding=1, bias=bias))]
+
+        layers: list[nn.Module] = [*block(in_channels, channels, 2, True), nn.LeakyReLU(0.2)]
         width = channels
         for i in range(1, num_layers + 1):
             out = channels * min(2**i, 8)
             stride = 2 if i < num_layers else 1
-            layers += [conv(width, out, 4, stride=stride, padding=1, bias=False), norm(out), nn.LeakyReLU(0.2)]
+            layers += [*block(width, out, stride, norm == "none"), _norm(norm, out, dims), nn.LeakyReLU(0.2)]
             width = out
-        layers.append(conv(width, 1, 4, stride=1, padding=1))
+        layers += block(width, 1, 1, True)
         self.net = nn.Sequential(*layers)
-        self.apply(self._init)
+        # EMAs of the mean logit on real and on fake inputs (LeCam's anchors); saved with the discriminator.
+        self.register_buffer("logit_ema", torch.zeros(2))
+        if init == "dcgan":
+            # N(0, 0.02) weights, as taming. At our budgets it starves the discriminator: on Fashion-MNIST it
+            # stayed near chance against a training autoencoder where PyTorch's default init learned in ~40 steps.
+            self.apply(self._init)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
         # DCGAN initialisation, as taming uses for its discriminator.
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            nn.init.normal_(module.weight, 0.0, 0.02)
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            weight = getattr(module, "parametrizations", None)
+            weight = weight.weight.original if weight is not None else module.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.normal_(module.weight, 1.0, 0.02)
             nn.init.zeros_(module.bias)
 
@@ -50,7 +94,8 @@ class TextDiscriminator(nn.Module):
     def __init__(self, config: VQConfig):
         super().__init__()
         self.byte_embedding = nn.Parameter(torch.randn(config.byte_vocab_size, config.byte_embed_dim) * 0.02)
-        self.net = PatchDiscriminator(config.byte_embed_dim, config.disc_channels, config.disc_layers, nn.Conv1d)
+        self.net = PatchDiscriminator(config.byte_embed_dim, config.disc_channels, config.disc_layers, nn.Conv1d,
+                                      config.disc_norm, config.disc_spectral_norm, config.disc_blur, config.disc_init)
 
     def embed(self, byte_ids_or_logits: torch.Tensor) -> torch.Tensor:
         """(B, L) real byte ids or (B, V, L) logits -> soft embeddings (B, E, L)."""
@@ -60,6 +105,10 @@ class TextDiscriminator(nn.Module):
             weights = byte_ids_or_logits.softmax(dim=1).transpose(1, 2)  # (B, L, V)
         return (weights @ self.byte_embedding).transpose(1, 2)
 
+    @property
+    def logit_ema(self) -> torch.Tensor:
+        return self.net.logit_ema
+
     def forward(self, x: torch.Tensor, return_features: bool = False):
         return self.net(self.embed(x), return_features=return_features)
 
@@ -67,5 +116,6 @@ class TextDiscriminator(nn.Module):
 def build_discriminator(config: VQConfig) -> nn.Module:
     """The discriminator matching the tokenizer's modality."""
     if config.modality == "image":
-        return PatchDiscriminator(config.in_channels, config.disc_channels, config.disc_layers)
+        return PatchDiscriminator(config.in_channels, config.disc_channels, config.disc_layers, nn.Conv2d,
+                                  config.disc_norm, config.disc_spectral_norm, config.disc_blur, config.disc_init)
     return TextDiscriminator(config)

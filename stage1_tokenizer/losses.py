@@ -104,6 +104,18 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, logit_ema: torch.Tensor,
+                  decay: float = 0.999) -> torch.Tensor:
+    """LeCam regulariser (Tseng et al., CVPR 2021): pulls D(real) towards the EMA of D(fake) and vice versa.
+
+    `logit_ema` holds (EMA of mean real logit, EMA of mean fake logit) and is updated in place.
+    """
+    with torch.no_grad():
+        logit_ema.mul_(decay).add_((1 - decay) * torch.stack([logits_real.mean(), logits_fake.mean()]))
+    ema_real, ema_fake = logit_ema[0], logit_ema[1]
+    return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
+
+
 def adaptive_gan_weight(
     rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
 ) -> torch.Tensor:
@@ -153,8 +165,17 @@ class TokenizerObjective(nn.Module):
         return loss
 
     def gan_active(self, step: int) -> bool:
-        """Whether the adversarial terms are switched on at this step (`disc_start`)."""
+        """Whether the adversarial term reaches the autoencoder at this step (`disc_start`)."""
         return self.is_gan and step >= self.config.disc_start
+
+    def disc_active(self, step: int) -> bool:
+        """Whether the discriminator trains at this step (`disc_train_start`; None: from `disc_start`, as taming)."""
+        start = self.config.disc_train_start
+        return self.is_gan and step >= (self.config.disc_start if start is None else start)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.config.gan_weighting == "adaptive"
 
     def generator_loss(
         self, reconstruction: torch.Tensor, target: torch.Tensor, quantizer_loss: torch.Tensor,
@@ -190,11 +211,14 @@ class TokenizerObjective(nn.Module):
         if split:
             total, adaptive = self._split_total(reconstruction, source, rec, gan, matching, quantizer_loss, last_layer)
         else:
-            adaptive = adaptive_gan_weight(rec, gan, last_layer, self.config.adaptive_weight_max)
+            adaptive = (adaptive_gan_weight(rec, gan, last_layer, self.config.adaptive_weight_max) if self.adaptive
+                        else torch.ones((), device=gan.device))
             total = rec + quantizer_loss + self.config.disc_weight * adaptive * gan
             if matching is not None:
                 total = total + self.config.feature_matching_weight * matching
-        logs.update(gan_loss=gan.detach(), adaptive_weight=adaptive)
+        logs.update(gan_loss=gan.detach(), gan_weight=self.config.disc_weight * adaptive)
+        if self.adaptive:
+            logs["adaptive_weight"] = adaptive
         return total, logs
 
     def _split_total(self, reconstruction, source, rec, gan, matching, quantizer_loss, last_layer):
@@ -209,11 +233,14 @@ class TokenizerObjective(nn.Module):
         """
         (rec_grad,) = torch.autograd.grad(rec, source)
         (gan_grad,) = torch.autograd.grad(gan, source, retain_graph=matching is not None)
-        rec_last, gan_last = (
-            torch.autograd.grad(reconstruction, last_layer, grad.to(reconstruction.dtype), retain_graph=True)[0]
-            for grad in (rec_grad, gan_grad)
-        )
-        adaptive = _weight_from_gradients(rec_last, gan_last, self.config.adaptive_weight_max)
+        if self.adaptive:
+            rec_last, gan_last = (
+                torch.autograd.grad(reconstruction, last_layer, grad.to(reconstruction.dtype), retain_graph=True)[0]
+                for grad in (rec_grad, gan_grad)
+            )
+            adaptive = _weight_from_gradients(rec_last, gan_last, self.config.adaptive_weight_max)
+        else:
+            adaptive = torch.ones((), device=gan.device)
         value = rec.detach() + self.config.disc_weight * adaptive * gan.detach()
         grad = rec_grad.float() + (self.config.disc_weight * adaptive) * gan_grad.float()  # (B, *output shape)
         if matching is not None:
@@ -226,14 +253,26 @@ class TokenizerObjective(nn.Module):
     def discriminator_loss(
         self, reconstruction: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Hinge loss on detached reconstructions vs real inputs (through `discriminator`, e.g. DDP-wrapped)."""
+        """Hinge loss (+ LeCam) on detached reconstructions vs real inputs (through `discriminator`, e.g. DDP-wrapped).
+
+        The logs are the GAN's health: the hinge loss, the mean logits and the share of real and of fake patches
+        on the right side of 0 (a discriminator that separates nothing sits at loss 1.0 and accuracy ~50%).
+        """
         discriminator = discriminator or self.discriminator
         logits_real = discriminator(target).float()
         logits_fake = discriminator(reconstruction.detach()).float()
-        loss = hinge_discriminator_loss(logits_real, logits_fake)
-        return loss, {
-            "disc_loss": loss.detach(),
+        hinge = hinge_discriminator_loss(logits_real, logits_fake)
+        logs = {
+            "disc_loss": hinge.detach(),
             "logits_real": logits_real.mean().detach(),
             "logits_fake": logits_fake.mean().detach(),
+            "disc_acc_real": (logits_real > 0).float().mean(),
+            "disc_acc_fake": (logits_fake < 0).float().mean(),
         }
+        loss = hinge
+        if self.config.lecam_weight > 0:
+            lecam = lecam_penalty(logits_real, logits_fake, self.discriminator.logit_ema)
+            logs["lecam_loss"] = lecam.detach()
+            loss = loss + self.config.lecam_weight * lecam
+        return loss, logs
 

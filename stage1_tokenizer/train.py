@@ -14,10 +14,11 @@ from accelerate.utils import set_seed
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from .configuration import TOKENIZER_PRESETS, VARIANTS, VQConfig
+from .configuration import GAN_RECIPES, TOKENIZER_PRESETS, VARIANTS, VQConfig
 from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
 from .losses import TokenizerObjective
 from .modeling import VQModel
+from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
     MetricsLogger, NonFiniteGuard, check_compile_available, mixed_precision_mode, reduce_logs, release_freed_memory,
     resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
@@ -25,15 +26,16 @@ from .train_utils import (
 
 
 def build_config(args, in_channels: int | None, class_names: list[str] | None) -> VQConfig:
-    """VQConfig of --preset, with --config's fields over it and the command line's overrides over both."""
+    """VQConfig of --preset, then --gan-recipe's fields, --config's fields and the command line's overrides."""
     overrides = {"variant": args.variant, "modality": args.modality, "class_names": class_names}
     if in_channels is not None:
         overrides["in_channels"] = in_channels
     for field in ("perceptual_backend", "disc_start", "ema_decay", "codebook_size", "resolution"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
+    recipe = GAN_RECIPES[args.gan_recipe] if args.gan_recipe else {}
     fields = read_config_fields(args.config) if args.config else {}
-    return VQConfig.from_preset(args.preset, **{**fields, **overrides})
+    return VQConfig.from_preset(args.preset, **{**recipe, **fields, **overrides})
 
 
 def read_config_fields(config: str) -> dict:
@@ -144,14 +146,15 @@ def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, ba
     accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
     ae_opt.step()
     logs.update(loss=loss.detach(), batch_perplexity=out.batch_perplexity.detach(), **out.usage)
-    if objective.gan_active(step):
+    if objective.disc_active(step):
         objective.discriminator.requires_grad_(True)
         with accelerator.autocast():
             d_loss, d_logs = objective.discriminator_loss(out.reconstruction.detach(), batch, wrapped_disc)
         if guard.check(d_loss):
             disc_opt.zero_grad(set_to_none=True)
             accelerator.backward(d_loss)
-            accelerator.clip_grad_norm_(objective.discriminator.parameters(), args.grad_clip)
+            if args.disc_grad_clip:
+                accelerator.clip_grad_norm_(objective.discriminator.parameters(), args.disc_grad_clip)
             disc_opt.step()
             logs.update(d_logs)
     return logs
@@ -159,6 +162,7 @@ def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, ba
 
 def main(args: argparse.Namespace) -> None:
     tune_allocator()
+    set_torch_threads(args.threads)
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -210,6 +214,7 @@ def main(args: argparse.Namespace) -> None:
             images = hflip(images, step, args.seed)
         logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)
         step += 1
+        rebalance_threads()
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
@@ -217,7 +222,7 @@ def main(args: argparse.Namespace) -> None:
         if logs is not None and (step % log_every == 0 or step == args.max_steps):
             logs = reduce_logs(accelerator, logs)
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
-                                    "nonfinite_skipped": guard.total})
+                                    "nonfinite_skipped": guard.total, "threads": torch.get_num_threads()})
             progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")
             tick = time.time()
         if step % sample_every == 0 and accelerator.is_main_process:
@@ -284,9 +289,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--disc-learning-rate", type=float)
-    parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="the autoencoder's gradient-norm clip")
+    parser.add_argument("--disc-grad-clip", type=float, default=0.0,
+                        help="the discriminator's gradient-norm clip (0: none; its norms run at 10-200, and a clip "
+                             "at 1 slowed it enough that it never separated real from reconstructed images)")
     parser.add_argument("--perceptual", dest="perceptual_backend", choices=("lpips", "random-vgg", "none"))
     parser.add_argument("--disc-start", type=int)
+    parser.add_argument("--gan-recipe", choices=sorted(GAN_RECIPES),
+                        help="a named set of discriminator fields (default: the config's own, i.e. 'vqgen'; "
+                             "'taming' reproduces taming-transformers)")
     parser.add_argument("--ema-decay", type=float, help="use an EMA codebook with this decay (e.g. 0.99)")
     parser.add_argument("--codebook-size", type=int)
     parser.add_argument("--resolution", type=int)
@@ -295,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
     parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: OMP_NUM_THREADS, else one per "
+                                                    "usable core; see README, Threads)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the encoder and decoder (minutes of compilation; see benchmarks/README.md)")
     parser.add_argument("--log-every", type=int)
@@ -304,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
     parser.add_argument("--max-eval-items", type=int, help="evaluate on at most this many test records (default: all)")
     args = parser.parse_args(argv)
-    for name in ("max_steps", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
+    for name in ("max_steps", "threads", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
                  "max_eval_items"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -403,3 +403,21 @@ def test_optional_pretrained_metrics_skip_quickly_without_weights(monkeypatch, t
     assert any(note.startswith("fid skipped") for note in notes)
     assert any(note.startswith("lpips skipped") for note in notes)
     assert time.perf_counter() - start < 5
+
+
+def test_power_spectrum_finds_stripes_and_blur():
+    from pipelines.evaluation import high_frequency_ratio, radial_power_spectrum
+
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.avg_pool2d(torch.rand(32, 1, 32, 32), 5, stride=1, padding=2)  # low-pass "images"
+    columns = torch.arange(32).view(1, 1, 1, 32)
+    striped = smooth + 0.2 * (columns % 2 * 2 - 1)  # period-2 vertical stripes: 0.5 cycles / pixel
+    frequencies, power = radial_power_spectrum(striped)
+    assert frequencies.min() > 0 and frequencies.max() == 0.5 and len(frequencies) == len(power) == 16
+    assert power[-1] > 100 * radial_power_spectrum(smooth)[1][-1]  # the stripes' frequency stands out
+    assert high_frequency_ratio(striped, smooth) > 10
+    assert high_frequency_ratio(smooth, smooth) == pytest.approx(1.0)
+    blurred = torch.nn.functional.avg_pool2d(smooth, 3, stride=1, padding=1)
+    assert high_frequency_ratio(blurred, smooth) < 0.75  # blur removes high-frequency power
+    flat = torch.ones(4, 1, 16, 16)  # a constant image has no power away from 0
+    assert radial_power_spectrum(flat)[1].max() == pytest.approx(0.0, abs=1e-20)

@@ -15,7 +15,7 @@ from stage1_tokenizer.losses import RandomVGGPerceptualLoss, TokenizerObjective,
 def tiny_vqgan(**overrides) -> VQConfig:
     fields = dict(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, resolution=16, codebook_size=32,
                   codebook_dim=4, disc_channels=8, disc_layers=2, disc_start=0, perceptual_depth=2,
-                  variant="vqgan", perceptual_backend="random-vgg")
+                  variant="vqgan", perceptual_backend="random-vgg", gan_weighting="adaptive")
     return VQConfig(**{**fields, **overrides})
 
 
@@ -117,7 +117,7 @@ def test_compile_flag_trains_the_tiny_tokenizer(tmp_path, fresh_accelerate_state
     model = VQModel.from_pretrained(str(out))
     assert model.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 8, 8)
     rows = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2 and "adaptive_weight" in rows[-1]
+    assert len(rows) == 2 and "gan_weight" in rows[-1] and "disc_acc_real" in rows[-1]
 
 
 def test_compiled_prior_loss_equals_eager():

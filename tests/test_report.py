@@ -30,7 +30,8 @@ IMAGE_GENERATION = {
 }
 IMAGE_RECONSTRUCTION = {
     "vqvae": dict(mse=0.01, psnr=26.0, ssim=0.90, fd_classifier=5.0, classifier_accuracy=0.95,
-                  classifier_accuracy_real=0.99, codebook_usage=60.0, perplexity=200.0, lpips_vgg=0.10, num_items=500),
+                  classifier_accuracy_real=0.99, codebook_usage=60.0, perplexity=200.0, lpips_vgg=0.10, num_items=500,
+                  high_frequency_ratio=0.9),
     "vqgan": dict(mse=0.02, psnr=24.0, ssim=0.85, fd_classifier=3.0, classifier_accuracy=0.97,
                   classifier_accuracy_real=0.99, codebook_usage=90.0, perplexity=350.0, lpips_vgg=0.05, num_items=500),
 }
@@ -191,8 +192,8 @@ def test_html_is_self_contained(run, request):
         with Image.open(io.BytesIO(base64.b64decode(attrs["src"].split(",", 1)[1]))) as image:
             assert image.format == "PNG"
             image.verify()
-    if run == "image_run":  # 2 sample grids (real is missing), 2 classes x 3, 2 reconstructions, 3 curve plots
-        assert len(images) == 2 + 6 + 2 + 3
+    if run == "image_run":  # 2 sample grids (real is missing), 2 classes x 3, 2 reconstructions, 4 curve plots
+        assert len(images) == 2 + 6 + 2 + 4  # curves: tokenizer loss, codebook, GAN health, prior
     else:
         assert images == []  # no figures and no logs: nothing to draw
 
@@ -201,7 +202,7 @@ def test_markdown_links_existing_pngs(image_run):
     root, _, _, markdown = image_run
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert "figures/curves_tokenizer_loss.png" in links and "figures/curves_prior.png" in links
-    assert len(links) == 2 + 6 + 2 + 3
+    assert len(links) == 2 + 6 + 2 + 4
     for link in links:
         assert not link.startswith(("/", "http")) and (root / unquote(link)).is_file()
 
@@ -332,3 +333,29 @@ def test_bad_input_is_rejected(tmp_path):
         write_report(tmp_path, [])
     with pytest.raises(TypeError, match=r"metrics\['generation'\] must be a dict"):
         write_report(tmp_path, {"generation": [1, 2]})
+
+
+def test_gan_health_panel_and_summary(tmp_path):
+    from pipelines.compare import gan_health
+
+    _logs(tmp_path)
+    log = tmp_path / "tokenizers" / "vqgan" / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()[:-1]]
+    for row in rows:
+        if "disc_loss" in row:
+            row.update(logits_real=0.01, logits_fake=0.01, disc_acc_real=0.5, disc_acc_fake=0.5, gan_weight=0.1)
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    metrics = image_metrics()
+    metrics["gan_health"] = gan_health(rows)
+    html_path, md_path = write_report(tmp_path, metrics)
+    html_text, markdown = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
+    assert (tmp_path / "figures" / "curves_gan_health.png").stat().st_size > 1000
+    assert "GAN health" in html_text and "figures/curves_gan_health.png" in markdown
+    assert "never separated real from reconstructed images" in _summary(html_text)
+    assert "hinge loss 1.000" in markdown
+
+    metrics["gan_health"] = dict(metrics["gan_health"], disc_loss=0.6, disc_acc_real=0.8, disc_acc_fake=0.7,
+                                 separated=True)
+    html_path, _ = write_report(tmp_path, metrics)
+    summary = _summary(html_path.read_text(encoding="utf-8"))
+    assert "discriminator separated real from reconstructed images" in summary and "80% on real" in summary

@@ -1,0 +1,107 @@
+"""GAN recipe ablation: taming's recipe, each change alone, and vqgen's default, trained on one data set.
+
+Each row trains a `small` VQGAN tokenizer through the real training script (`python -m stage1_tokenizer.train`)
+with the row's VQConfig fields, then reads the GAN's health from its metrics.jsonl (the last quarter of the
+discriminator's steps) and scores its reconstructions on the test split with the project's feature classifier
+(PSNR, FD-classifier). A VQ-VAE row trained on the same budget is the reference.
+
+    python benchmarks/ablate_gan.py --dataset ../shared/data/fashion_mnist [--steps 600 --disc-start 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, print_table, write_json
+
+import torch  # noqa: E402
+
+from pipelines import evaluation as ev  # noqa: E402
+from pipelines.compare import gan_health  # noqa: E402
+from stage1_tokenizer.configuration import GAN_RECIPES  # noqa: E402
+from stage1_tokenizer.modeling import VQModel  # noqa: E402
+
+TAMING = GAN_RECIPES["taming"]
+ROWS: dict[str, dict] = {
+    "VQ-VAE (reference)": {"variant": "vqvae"},
+    "taming": TAMING,
+    "taming + default init": {**TAMING, "disc_init": "default"},
+    "taming + GroupNorm": {**TAMING, "disc_norm": "group"},
+    "taming + D trained from step 0": {**TAMING, "disc_train_start": 0},
+    "taming + fixed weight 0.02": {**TAMING, "gan_weighting": "fixed", "disc_weight": 0.02},
+    "taming + LeCam 0.001": {**TAMING, "lecam_weight": 0.001},
+    "vqgen default": GAN_RECIPES["vqgen"],
+    "vqgen default, adaptive weight": {**GAN_RECIPES["vqgen"], "gan_weighting": "adaptive", "disc_weight": 0.8},
+}
+
+
+def train_row(args, name: str, fields: dict, folder: Path) -> float:
+    """Train one row's tokenizer in a fresh process; returns wall-clock seconds (0 when reused)."""
+    if (folder / "eval_results.json").is_file() and not args.force:
+        print(f"reusing {folder}")
+        return 0.0
+    fields = dict(fields)
+    variant = fields.pop("variant", "vqgan")
+    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", args.dataset, "--variant", variant,
+               "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--disc-start", str(args.disc_start), "--seed", str(args.seed), "--config", json.dumps(fields),
+               "--log-every", "10", "--max-eval-items", "1000", "--output-dir", str(folder)]
+    print(f"\n== {name} ==\n$ {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    return time.time() - start
+
+
+def main(args: argparse.Namespace) -> None:
+    env = environment(torch.device("cpu"))
+    root = Path(args.output_dir)
+    rows, seconds = [], {}
+    for name, fields in ROWS.items():
+        if args.rows and name not in args.rows:
+            continue
+        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+        seconds[name] = train_row(args, name, fields, root / slug)
+    classifier, info = ev.load_or_train_classifier(args.dataset, 32, 1, args.seed)
+    print(f"feature classifier: test accuracy {info.get('test_accuracy')}")
+    for name in seconds:
+        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+        folder = root / slug
+        model = VQModel.from_pretrained(folder).eval()
+        recon = ev.reconstruction_metrics(model, args.dataset, classifier, max_items=args.eval_items)
+        log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        health = gan_health(log) or {}
+        rows.append({"row": name, **health, "psnr": recon["psnr"], "fd_classifier": recon["fd_classifier"],
+                     "minutes": seconds[name] / 60, "grid": str(sorted((folder / "samples").glob("*.png"))[-1])})
+    table = print_table(f"GAN recipe ablation ({args.steps} steps, GAN from step {args.disc_start}, batch "
+                        f"{args.batch_size}; health over the last quarter of discriminator steps)", [
+        ("row", "row"), ("disc_loss", "D hinge loss"), ("disc_acc_real", "D acc. real"),
+        ("disc_acc_fake", "D acc. fake"), ("gan_weight", "GAN weight"), ("psnr", "recon PSNR"),
+        ("fd_classifier", "recon FD-classifier")], rows,
+        digits={"disc_loss": 3, "disc_acc_real": 2, "disc_acc_fake": 2, "gan_weight": 3, "psnr": 2,
+                "fd_classifier": 2, "minutes": 1})
+    write_json(args.output or RESULTS_DIR / "ablate_gan.json", {
+        "environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(SHARED_DATA / "fashion_mnist"))
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--disc-start", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-items", type=int, default=2000, help="test images for the reconstruction metrics")
+    parser.add_argument("--rows", nargs="+", help=f"only these rows (of {list(ROWS)})")
+    parser.add_argument("--output-dir", default="runs/ablate_gan")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--force", action="store_true", help="retrain rows already trained in --output-dir")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())

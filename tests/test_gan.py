@@ -1,0 +1,138 @@
+"""The VQGAN's discriminator options and health logs; through the real train_step, the default recipe's discriminator
+(trained from step 0, per-sample GroupNorm) separates sharp images from reconstructions before the GAN reaches the
+autoencoder, while taming's (BatchNorm, real and fake in separate calls) stays at chance once it trains."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from pipelines.compare import gan_health
+from stage1_tokenizer.configuration import GAN_RECIPES, VQConfig
+from stage1_tokenizer.discriminator import PatchDiscriminator
+from stage1_tokenizer.losses import TokenizerObjective, lecam_penalty
+from stage1_tokenizer.train import build_models, train_step
+from stage1_tokenizer.train_utils import NonFiniteGuard
+
+STEPS = 100
+DISC_START = 30
+
+
+def sharp_shapes(count: int, side: int = 16, seed: int = 1) -> torch.Tensor:
+    """Grey rectangles with hard edges on black, in [-1, 1]: detail a young autoencoder visibly blurs."""
+    generator = torch.Generator().manual_seed(seed)
+    images = -torch.ones(count, 1, side, side)
+    for image in images:
+        for _ in range(3):
+            x0, y0 = torch.randint(0, side - 3, (2,), generator=generator).tolist()
+            width, height = torch.randint(2, 8, (2,), generator=generator).tolist()
+            image[0, y0:y0 + height, x0:x0 + width] = torch.rand(1, generator=generator).item() * 2 - 1
+    return images
+
+
+def train_gan(recipe: str, steps: int = STEPS) -> list[dict]:
+    """Run the real stage-1 train_step on sharp 16x16 shapes; returns the float logs of every step."""
+    torch.manual_seed(0)
+    images = sharp_shapes(512)
+    config = VQConfig.from_preset("tiny", variant="vqgan", **{**GAN_RECIPES[recipe], "disc_start": DISC_START})
+    accelerator = Accelerator(cpu=True)
+    model, objective, wrapped_disc, optimizers = build_models(accelerator, config, 2e-4, 2e-4)
+    args = argparse.Namespace(grad_clip=1.0, disc_grad_clip=0.0)
+    guard = NonFiniteGuard(5, accelerator)
+    generator = torch.Generator().manual_seed(0)
+    history = []
+    for step in range(steps):
+        batch = images[torch.randint(0, len(images), (16,), generator=generator)]
+        logs = train_step(args, accelerator, model, objective, wrapped_disc, optimizers, batch, step, guard)
+        history.append({"step": step + 1, **{k: float(v) for k, v in logs.items()}})
+    return history
+
+
+def mean_of(history: list[dict], key: str, rows: slice) -> float:
+    return statistics.mean(row[key] for row in history[rows] if key in row)
+
+
+def test_default_recipe_discriminator_learns_where_tamings_stays_at_chance():
+    """BatchNorm normalises the real and the fake batch separately (and DCGAN init starves it): taming's
+    discriminator sits at hinge loss ~1.0, while the default one, trained from step 0, gets ahead of it."""
+    default, taming = train_gan("vqgen"), train_gan("taming")
+    assert "disc_loss" in default[0]  # trained from step 0 (disc_train_start=0), before its loss reaches the AE
+    assert "gan_loss" not in default[DISC_START - 1] and "gan_loss" in default[DISC_START]
+    assert "disc_loss" not in taming[DISC_START - 1]  # taming trains D only from disc_start
+    assert mean_of(default, "disc_loss", slice(0, DISC_START)) < 0.8
+    gan_phase = slice(DISC_START, None)
+    assert mean_of(taming, "disc_loss", gan_phase) > 0.95
+    assert mean_of(default, "disc_loss", gan_phase) < mean_of(taming, "disc_loss", gan_phase) - 0.05
+    assert mean_of(default, "disc_acc_fake", gan_phase) >= 0.6
+    assert default[-1]["gan_weight"] == pytest.approx(GAN_RECIPES["vqgen"]["disc_weight"])
+    health = gan_health(taming)
+    assert not health["separated"] and health["disc_loss"] > 0.9 and "adaptive_weight" in health
+
+
+def test_gan_health_summarises_the_last_quarter():
+    rows = [{"step": s, "loss": 1.0} for s in range(10)]
+    rows += [{"step": 10 + s, "disc_loss": 1.0 if s < 6 else 0.5, "disc_acc_real": 0.9, "disc_acc_fake": 0.8,
+              "gan_weight": 0.1} for s in range(8)]
+    health = gan_health(rows)
+    assert health["disc_loss"] == 0.5 and health["first_step"] == 16 and health["last_step"] == 17
+    assert health["separated"]
+    assert gan_health([{"step": 1, "loss": 0.3}]) is None  # a VQ-VAE log has no discriminator
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("spectral_norm", [False, True])
+@pytest.mark.parametrize("blur", [False, True])
+def test_discriminator_options_build_and_score_patches(norm, spectral_norm, blur):
+    disc = PatchDiscriminator(1, 8, 2, norm=norm, spectral_norm=spectral_norm, blur=blur)
+    logits = disc(torch.randn(3, 1, 16, 16))
+    assert logits.shape[:2] == (3, 1) and logits.shape[-1] >= 2
+    if norm != "batch":  # per-sample scoring: a sample's logits do not depend on the rest of its batch
+        disc.eval()
+        torch.testing.assert_close(disc(torch.ones(1, 1, 16, 16)), disc(torch.ones(4, 1, 16, 16))[:1])
+    assert "logit_ema" in disc.state_dict()  # LeCam's anchors are saved with checkpoints
+
+
+def test_lecam_penalty_pulls_towards_the_other_sides_ema():
+    ema = torch.tensor([1.0, -1.0])  # (real, fake)
+    real, fake = torch.full((4,), 2.0), torch.full((4,), -2.0)
+    penalty = lecam_penalty(real, fake, ema, decay=0.5)
+    # EMA first moves halfway to the batch means: (1.5, -1.5); then relu(2 - (-1.5))^2 + relu(1.5 - (-2))^2.
+    torch.testing.assert_close(ema, torch.tensor([1.5, -1.5]))
+    assert float(penalty) == pytest.approx(2 * 3.5**2)
+    assert float(lecam_penalty(torch.full((4,), -5.0), torch.full((4,), 5.0), ema)) == 0.0  # no push when inverted
+
+
+def test_fixed_weighting_uses_the_constant_and_logs_no_adaptive_weight():
+    config = VQConfig.from_preset("tiny", variant="vqgan", gan_weighting="fixed", disc_weight=0.1)
+    objective = TokenizerObjective(config)
+    from stage1_tokenizer import VQModel
+
+    model = VQModel(config)
+    images = torch.rand(2, 1, 16, 16) * 2 - 1
+    out = model(images)
+    _, logs = objective.generator_loss(out.reconstruction, images, out.quantizer_loss, 0, model.last_layer)
+    assert float(logs["gan_weight"]) == pytest.approx(0.1) and "adaptive_weight" not in logs
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("disc_norm", "layer", "disc_norm"), ("gan_weighting", "auto", "gan_weighting"),
+    ("disc_train_start", 5000, "disc_train_start"), ("lecam_weight", -1.0, "lecam_weight"),
+    ("disc_spectral_norm", "false", "disc_spectral_norm"), ("l2_normalize", "false", "l2_normalize"),
+])
+def test_bad_gan_fields_are_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        VQConfig(variant="vqgan", disc_start=1000, **{field: value})
+
+
+def test_taming_recipe_from_the_command_line(tmp_path):
+    from stage1_tokenizer.train import build_config, parse_args
+
+    args = parse_args(["--max-steps", "1", "--output-dir", str(tmp_path), "--gan-recipe", "taming",
+                       "--config", '{"lecam_weight": 0.01}'])
+    config = build_config(args, 1, None)
+    assert config.disc_norm == "batch" and config.gan_weighting == "adaptive" and config.disc_train_start is None
+    assert config.lecam_weight == 0.01  # --config goes over the recipe
