@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ PIPELINE_CONFIG = "pipeline_config.json"
 SAMPLE_GRID = "sample_grid.png"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OUTPUT_TYPES = ("pil", "pt", "np")
+
+
+# One call's ceiling: 100k 32x32 samples are ~100M code tokens; far larger requests are typos (10**12).
+MAX_NUM_SAMPLES = 1_000_000
+
+
+def _is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -141,16 +151,23 @@ class VQPipeline:
 
     # ----------------------------------------------------------------- generation
     def _check_generate_args(self, num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
-                             batch_size, output_type) -> list[int] | None:
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
+                             batch_size, output_type, seed=None) -> list[int] | None:
+        if not _is_int(num_samples) or not 1 <= num_samples <= MAX_NUM_SAMPLES:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer in 1..{MAX_NUM_SAMPLES:,} "
+                             "(generate larger sets in several calls with different seeds)")
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed={seed!r} must be None or an integer in 0..2**63 - 1")
+        for name, value in (("temperature", temperature), ("guidance_scale", guidance_scale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+        if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} must be > 0")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
             raise ValueError(f"top_k={top_k!r} must be None or an integer >= 1")
-        if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool)
+                                      and 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r} must be None or in (0, 1]")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
             raise ValueError(f"batch_size={batch_size!r} must be None or an integer >= 1")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; expected one of {list(OUTPUT_TYPES)}")
@@ -165,8 +182,14 @@ class VQPipeline:
             return None
         if class_labels is None:
             return None
-        if isinstance(class_labels, int):
+        if _is_int(class_labels):
             class_labels = [class_labels] * num_samples
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.tolist()
+        not_ints = [c for c in class_labels if not _is_int(c)]
+        if not_ints:
+            raise ValueError(f"class_labels must be integer class indices (0..{self.layout.num_classes - 1}); "
+                             f"got {not_ints[:5]!r}")
         labels = [int(c) for c in class_labels]
         if len(labels) != num_samples:
             raise ValueError(f"class_labels has {len(labels)} entries but num_samples={num_samples}")
@@ -198,7 +221,7 @@ class VQPipeline:
         (on by default) and whether it is preallocated (off by default: see stage2_prior.sampling).
         """
         labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
-                                           batch_size, output_type)
+                                           batch_size, output_type, seed)
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
         self.prior.eval()
         self.tokenizer.eval()

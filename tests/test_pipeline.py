@@ -87,6 +87,17 @@ def test_unconditional_save_load_round_trip(unconditional_pipe, tmp_path):
         (dict(num_samples=2, class_labels=[0, 10]), "class_labels"),
         (dict(num_samples=1, class_labels=[-1]), "class_labels"),
         (dict(num_samples=3, class_labels=[0, 1]), "class_labels"),
+        (dict(guidance_scale=float("nan")), "guidance_scale"),
+        (dict(guidance_scale=float("inf")), "guidance_scale"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k=True), "top_k"),
+        (dict(top_p=True), "top_p"),
+        (dict(class_labels=[1.9, 2.7]), "class_labels"),  # not silently truncated to 1, 2
+        (dict(class_labels=["cat", "dog"]), "class_labels"),
+        (dict(num_samples=10**12), "num_samples"),  # refused before any allocation
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_generate_rejects_bad_arguments(pipe, kwargs, argument):
