@@ -99,13 +99,21 @@ def _load_model(cls, folder: Path, what: str):
 
     _check_weights(folder, what)
     try:
-        return cls.from_pretrained(str(folder), use_safetensors=True)
+        model, info = cls.from_pretrained(str(folder), use_safetensors=True, output_loading_info=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:
         if "mismatch" in str(error).lower():  # transformers' shape check: weights and config.json disagree
             raise ValueError(f"{what} weights in {folder} do not fit the shapes its config.json describes (was the "
                              "config edited, or the weights copied from another model?)") from error
         raise ValueError(f"{what} weights in {folder} could not be loaded ({type(error).__name__}: {error}); "
                          "the file may be truncated or corrupt") from error
+    # Loading is strict: a layer left at its fresh initialisation would generate quietly wrong samples.
+    problems = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected", "mismatched")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:6]))}{' ...' if len(keys) > 6 else ''}"
+                           for kind, keys in problems.items())
+        raise ValueError(f"{what} weights in {folder} do not match its config.json ({listed})")
+    return model
 
 
 class VQPipeline:

@@ -319,3 +319,16 @@ def test_save_metadata_puts_evaluation_metrics_in_the_card(pipeline_copy):
     reloaded = VQPipeline.from_pretrained(pipeline_copy)
     assert reloaded.metadata["evaluation_metrics"]["generation"]["fd_classifier"] == 12.5
     assert (pipeline_copy / "prior" / "model.safetensors").read_bytes() == weights  # weights untouched
+
+
+@pytest.mark.parametrize("component, prefix", [("tokenizer", "decoder.up."), ("prior", "model.layers.0.mlp.")])
+def test_weights_with_missing_tensors_are_refused(pipeline_copy, component, prefix):
+    from safetensors.torch import load_file, save_file
+
+    path = pipeline_copy / component / "model.safetensors"
+    tensors = load_file(path)
+    dropped = [k for k in tensors if k.startswith(prefix)]
+    assert dropped
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{component} weights .* do not match its config.json \(missing: "):
+        VQPipeline.from_pretrained(pipeline_copy)
