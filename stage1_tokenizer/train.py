@@ -20,7 +20,7 @@ from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, mixed_precision_mode, reduce_logs, release_freed_memory,
+    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs, release_freed_memory,
     resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
 
@@ -182,6 +182,9 @@ def main(args: argparse.Namespace) -> None:
 
     step = 0
     checkpoint_dir = output_dir / "checkpoints"
+    identity = {"dataset": args.dataset, **{k: v for k, v in config.to_dict().items()
+                                            if k not in ("transformers_version", "_name_or_path")}}
+    check_run_identity(output_dir, identity, args.resume, accelerator.is_main_process)
     logger = MetricsLogger(output_dir, accelerator.is_main_process)
     if args.resume:
         step, _ = resume_checkpoint(accelerator, checkpoint_dir)

@@ -170,6 +170,37 @@ def resume_checkpoint(accelerator, checkpoint_dir: Path) -> tuple[int, dict]:
     raise CheckpointError(f"every checkpoint in {checkpoint_dir} is corrupt; cannot resume")
 
 
+RUN_IDENTITY = "run_identity.json"
+
+
+def check_run_identity(output_dir: Path, identity: dict, resume: bool, write: bool) -> None:
+    """A resumed run must be the run it resumes: compare `identity` with the one the run was started with.
+
+    A fresh run records it (when `write`, i.e. on the main process); a resume whose settings differ (another
+    variant, preset, codebook, data set or tokenizer) is refused with the differing fields named, before any
+    checkpoint is loaded or file overwritten.
+    """
+    path = Path(output_dir) / RUN_IDENTITY
+    identity = json.loads(json.dumps(identity))  # tuples -> lists, as they will read back
+    if resume and path.is_file():
+        started = json.loads(path.read_text())
+        keys = sorted(set(started) | set(identity))
+        changed = [k for k in keys if started.get(k) != identity.get(k)]
+        if changed:
+            shown = ", ".join(f"{k}: {started.get(k)!r} -> {identity.get(k)!r}" for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ValueError(f"--resume: {output_dir} was started with other settings ({shown}{more}); resume "
+                             "with the original settings, or train into a new --output-dir")
+    if write and not (resume and path.is_file()):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (identifies a trained tokenizer's weights)."""
+    return _digest(Path(path))
+
+
 def save_pretrained_atomic(model, output_dir: Path) -> None:
     """save_pretrained into a staging folder, then move each file over the old one (never half-written)."""
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -19,8 +20,8 @@ from stage1_tokenizer.data import BUILTIN_DATASETS, DataError, StepBatchSampler
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
 from stage1_tokenizer.train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, mixed_precision_mode, resume_checkpoint, run_cli,
-    save_checkpoint, tune_allocator,
+    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, file_sha256, mixed_precision_mode,
+    resume_checkpoint, run_cli, save_checkpoint, tune_allocator,
 )
 
 from .modeling import PRIOR_PRESETS, TokenLayout, build_prior
@@ -103,6 +104,9 @@ def main(args: argparse.Namespace) -> None:
         train_loss = torch.compile(code_loss)
 
     step = 0
+    identity = {"dataset": args.dataset, "preset": args.preset, "class_conditional": conditional,
+                "tokenizer_sha256": file_sha256(Path(args.tokenizer) / "model.safetensors"), "layout": dataclasses.asdict(layout)}
+    check_run_identity(output_dir, identity, args.resume, accelerator.is_main_process)
     logger = MetricsLogger(output_dir, accelerator.is_main_process)
     checkpoint_dir = output_dir / "checkpoints"
     if args.resume:

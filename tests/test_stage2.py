@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -365,3 +367,23 @@ def test_train_cli_bad_input_exits_2(pipeline_tokenizer_dir, code_cache_dir, tmp
         _train(pipeline_tokenizer_dir, code_cache_dir, tmp_path / "empty", "--max-steps", "2", "--resume")
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and error.startswith("error: --resume") and "no checkpoint" in error
+
+
+def test_resume_with_another_tokenizer_is_refused(pipeline_tokenizer_dir, code_cache_dir, tmp_path, capsys,
+                                                   fresh_accelerate_state):
+    """A tokenizer of the same shape but other weights would pair the prior with codes it was not trained on."""
+    from safetensors.torch import load_file, save_file
+
+    other = Path(shutil.copytree(pipeline_tokenizer_dir, tmp_path / "other_tokenizer"))
+    tensors = load_file(other / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, other / "model.safetensors", metadata={"format": "pt"})
+    _train(pipeline_tokenizer_dir, code_cache_dir, tmp_path / "run", "--max-steps", "4")
+    fresh_accelerate_state()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        _train(other, tmp_path / "other_cache", tmp_path / "run", "--max-steps", "8", "--resume")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "was started with other settings (tokenizer_sha256:" in err and "Traceback" not in err

@@ -280,3 +280,21 @@ def test_bad_config_is_named(tmp_path, capsys, value, needle):
         cli(["--dataset", "digits", "--max-steps", "1", "--output-dir", str(tmp_path / "out"), "--config", value])
     assert exit_info.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--variant", "vqvae"], r"variant: 'vqgan' -> 'vqvae'"),
+    (["--codebook-size", "32"], r"codebook_size: 64 -> 32"),
+    (["--config", '{"disc_norm": "batch"}'], r"disc_norm: 'group' -> 'batch'"),
+])
+def test_resume_with_changed_settings_is_refused(train, tmp_path, capsys, changed, message):
+    out = train(tmp_path / "run", "--variant", "vqgan", steps=2)
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(out, "--variant", "vqgan", *changed, "--resume", steps=4)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "was started with other settings" in err and re.search(message, err), err
+    assert (out / "model.safetensors").read_bytes() == before  # nothing overwritten
+    assert [row["step"] for row in read_metrics(out)][-1] == 2
