@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -70,6 +71,19 @@ GAN_RECIPES: dict[str, dict[str, Any]] = {
                   disc_train_start=0, gan_weighting="fixed", disc_weight=0.02, adaptive_weight_max=1e4,
                   lecam_weight=0.0),
 }
+
+
+# Sizes beyond these are typos, not models: refused up front instead of dying in the allocator.
+MAX_CODEBOOK_SIZE = 2**20
+MAX_RESOLUTION = 1024
+MAX_SEQ_LEN = 2**16
+NUMBER_FIELDS = ("commitment_beta", "dead_code_threshold", "l1_weight", "l2_weight", "perceptual_weight",
+                 "disc_weight", "adaptive_weight_max", "feature_matching_weight", "lecam_weight")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -217,6 +231,17 @@ class VQConfig(PretrainedConfig):
                      "disc_channels", "disc_layers", "in_channels", "resolution", "seq_len", "byte_embed_dim"):
             _check_positive_int(name, getattr(self, name), minimum=0 if name == "num_res_blocks" else 1)
         _check_positive_int("codebook_size", self.codebook_size, minimum=2)
+        for name, limit in (("codebook_size", MAX_CODEBOOK_SIZE), ("resolution", MAX_RESOLUTION),
+                            ("seq_len", MAX_SEQ_LEN)):
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name}={getattr(self, name)!r} is beyond the supported maximum {limit:,}")
+        for name in NUMBER_FIELDS:
+            _check_number(name, getattr(self, name))
+        if self.ema_decay is not None:
+            _check_number("ema_decay", self.ema_decay)
+        if self.disc_train_start is not None:
+            _check_positive_int("disc_train_start", self.disc_train_start, minimum=0)
+        _check_positive_int("disc_start", self.disc_start, minimum=0)
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels={self.in_channels!r} must be 1 (grey) or 3 (RGB)")
         factor = self.downsample_factor

@@ -136,3 +136,17 @@ def test_taming_recipe_from_the_command_line(tmp_path):
     config = build_config(args, 1, None)
     assert config.disc_norm == "batch" and config.gan_weighting == "adaptive" and config.disc_train_start is None
     assert config.lecam_weight == 0.01  # --config goes over the recipe
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"l1_weight": float("nan")}, "l1_weight=nan must be a finite number"),
+    ({"commitment_beta": "abc"}, "commitment_beta='abc' must be a finite number"),
+    ({"disc_weight": True}, "disc_weight=True must be a finite number"),
+    ({"ema_decay": float("inf")}, "ema_decay"),
+    ({"codebook_size": 10**9}, "codebook_size=1000000000 is beyond the supported maximum"),
+    ({"resolution": 4096}, "resolution=4096 is beyond the supported maximum"),
+    ({"disc_start": 1.5}, "disc_start=1.5 must be an integer"),
+])
+def test_config_values_of_the_wrong_kind_are_named(fields, message):
+    with pytest.raises(ValueError, match=message):
+        VQConfig(**fields)
