@@ -237,7 +237,7 @@ def test_adaptive_weight_hand_case():
 @pytest.mark.parametrize("backend", ["none", "random-vgg"])
 def test_vqgan_generator_loss_uses_last_layer_gradient_ratio(backend):
     config = tiny_config(variant="vqgan", perceptual_backend=backend, perceptual_depth=1, disc_start=0,
-                         l2_weight=0.5, disc_weight=0.8)
+                         l2_weight=0.5, disc_weight=0.8, gan_weighting="adaptive")
     model, objective = VQModel(config).train(), TokenizerObjective(config)
     target = images()
     out = model(target)
