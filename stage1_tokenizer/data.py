@@ -71,6 +71,32 @@ def _find_column(columns: list[str], candidates: tuple[str, ...], what: str, dat
     )
 
 
+def _class_names(records, dataset: str, split: str) -> list[str] | None:
+    """The label column's class names, after checking every label against them.
+
+    A ClassLabel column gives its names; a plain integer column holding 0..K-1 gets the names "0".."K-1"; any
+    other label column (strings, floats) is not used for conditioning. Labels outside the names would
+    otherwise become the prior's null-class or begin-of-sequence tokens.
+    """
+    import datasets
+
+    feature = records.features[LABEL_COLUMN]
+    labels = records[LABEL_COLUMN]
+    if isinstance(feature, datasets.ClassLabel):
+        names = list(feature.names)
+    elif isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+        names = [str(i) for i in range(max(labels) + 1)] if labels and min(labels) >= 0 else None
+        if names is None:
+            raise DataError(f"data set {dataset!r} ({split}): integer labels must be 0..K-1, found {min(labels)}")
+    else:
+        return None
+    bad = sorted({label for label in labels if not 0 <= label < len(names)})
+    if bad:
+        raise DataError(f"data set {dataset!r} ({split}): labels {bad[:5]} are outside its {len(names)} class "
+                        f"names {names[:10]} (expected 0..{len(names) - 1})")
+    return names
+
+
 def load_split(dataset: str, split: str, modality: str = "image") -> Split:
     """Load one split ('train', or 'eval' for the test/validation split) of a data set by name or path."""
     if split not in ("train", "eval"):
@@ -113,10 +139,7 @@ def load_split(dataset: str, split: str, modality: str = "image") -> Split:
     column = _find_column(columns, candidates, modality, dataset)
     if modality == "image" and isinstance(records.features[column], datasets.Image):
         records = records.cast_column(column, datasets.Image(decode=False))  # we decode, to name bad records
-    class_names = None
-    if LABEL_COLUMN in columns:
-        feature = records.features[LABEL_COLUMN]
-        class_names = list(feature.names) if hasattr(feature, "names") else None
+    class_names = _class_names(records, dataset, split) if LABEL_COLUMN in columns else None
     name = os.path.basename(os.path.normpath(path))
     return Split(records, column, class_names, f"{name}-{split}-{records._fingerprint}", name)
 

@@ -298,3 +298,44 @@ def test_resume_with_changed_settings_is_refused(train, tmp_path, capsys, change
     assert "Traceback" not in err and "was started with other settings" in err and re.search(message, err), err
     assert (out / "model.safetensors").read_bytes() == before  # nothing overwritten
     assert [row["step"] for row in read_metrics(out)][-1] == 2
+
+
+@pytest.mark.parametrize("labels, feature, message", [
+    ([0, 1, 2, 3], "classlabel", r"labels \[2, 3\] are outside its 2 class names \['a', 'b'\]"),
+    ([0, 1, 5, 1], "classlabel", r"labels \[5\] are outside"),
+    ([-1, 0, 1, 1], "int", "integer labels must be 0..K-1, found -1"),
+])
+def test_labels_outside_the_class_names_are_refused(tmp_path, labels, feature, message):
+    import datasets
+
+    from stage1_tokenizer.data import DataError, load_split
+
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    label_feature = datasets.ClassLabel(names=["a", "b"]) if feature == "classlabel" else datasets.Value("int64")
+    features = datasets.Features({"text": datasets.Value("string"), "label": label_feature})
+    data = {"text": ["one", "two", "three", "four"], "label": labels}
+    if feature == "classlabel":  # ClassLabel refuses out-of-range values itself when encoding: write raw ints
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+        datasets.Dataset.from_dict(data, features=features).to_parquet(folder / "train.parquet")
+        table = datasets.load_dataset(str(folder))["train"]
+        table = table.cast_column("label", datasets.ClassLabel(names=["a", "b"]))  # no range check on cast
+        folder2 = tmp_path / "labelled2"
+        folder2.mkdir()
+        table.to_parquet(folder2 / "train.parquet")
+        folder = folder2
+    else:
+        datasets.Dataset.from_dict(data, features=features).to_parquet(folder / "train.parquet")
+    with pytest.raises(DataError, match=message):
+        load_split(str(folder), "train", "text")
+
+
+def test_integer_labels_without_names_get_numbered_classes(tmp_path):
+    import datasets
+
+    from stage1_tokenizer.data import load_split
+
+    folder = tmp_path / "numbered"
+    folder.mkdir()
+    datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 2, 1]}).to_parquet(folder / "train.parquet")
+    assert load_split(str(folder), "train", "text").class_names == ["0", "1", "2"]
