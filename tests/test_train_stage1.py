@@ -45,7 +45,7 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
     assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
 
 
-GAN_KEYS = {"gan_loss", "adaptive_weight", "disc_loss", "logits_real", "logits_fake"}
+GAN_KEYS = {"disc_loss", "gan_loss", "gan_weight", "logits_real", "logits_fake", "disc_acc_real", "disc_acc_fake"}
 
 RUNS = {
     "vqvae": ("digits", "image", "vqvae"),
