@@ -467,7 +467,7 @@ def _gan_health_figure(rows: list[dict]):
         axis.set_title(title, fontsize=11)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if len(series) > 1:
+        if sum(bool(steps) for steps, _ in series.values()) > 1:
             axis.legend(frameon=False)
     return figure
 
