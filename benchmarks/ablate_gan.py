@@ -40,6 +40,11 @@ ROWS: dict[str, dict] = {
 }
 
 
+def row_folder(root: Path, name: str) -> Path:
+    """The run folder of a row: its name as a path-safe slug."""
+    return root / name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+
+
 def train_row(args, name: str, fields: dict, folder: Path) -> float:
     """Train one row's tokenizer in a fresh process; returns wall-clock seconds (0 when reused)."""
     if (folder / "eval_results.json").is_file() and not args.force:
@@ -64,13 +69,11 @@ def main(args: argparse.Namespace) -> None:
     for name, fields in ROWS.items():
         if args.rows and name not in args.rows:
             continue
-        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
-        seconds[name] = train_row(args, name, fields, root / slug)
+        seconds[name] = train_row(args, name, fields, row_folder(root, name))
     classifier, info = ev.load_or_train_classifier(args.dataset, 32, 1, args.seed)
     print(f"feature classifier: test accuracy {info.get('test_accuracy')}")
     for name in seconds:
-        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
-        folder = root / slug
+        folder = row_folder(root, name)
         model = VQModel.from_pretrained(folder).eval()
         recon = ev.reconstruction_metrics(model, args.dataset, classifier, max_items=args.eval_items)
         log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

@@ -18,6 +18,7 @@ from stage1_tokenizer.threads import set_torch_threads
 
 from . import evaluation as ev
 from .pipeline import VQPipeline
+from .report import COLUMN_NAMES
 
 VARIANTS = ("vqvae", "vqgan")
 DEFAULT_DATASETS = {"image": "digits", "text": "python-docs"}
@@ -213,9 +214,6 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, budget: dict, ou
     _spectrum_figure(spectra).savefig(figures / "power_spectrum.png", format="png", dpi=100)
     results["figures"]["spectrum"] = "figures/power_spectrum.png"
     return results
-
-
-COLUMN_NAMES = {"vqvae": "VQ-VAE", "vqgan": "VQGAN"}
 
 
 def _spectrum_figure(spectra: dict):

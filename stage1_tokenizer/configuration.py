@@ -269,18 +269,15 @@ class VQConfig(PretrainedConfig):
             raise ValueError(f"ema_decay={self.ema_decay!r} must be None or in (0, 1)")
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold={self.dead_code_threshold!r} must be >= 0")
-        for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "feature_matching_weight"):
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "feature_matching_weight",
+                     "lecam_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.perceptual_depth not in range(1, 6):
             raise ValueError(f"perceptual_depth={self.perceptual_depth!r} must be 1..5 (VGG16 blocks before a tap)")
-        if self.disc_start < 0:
-            raise ValueError(f"disc_start={self.disc_start!r} must be >= 0")
         if self.disc_train_start is not None and not 0 <= self.disc_train_start <= self.disc_start:
             raise ValueError(f"disc_train_start={self.disc_train_start!r} must be None (train the discriminator "
                              f"from disc_start, as taming) or between 0 and disc_start={self.disc_start}")
-        if self.lecam_weight < 0:
-            raise ValueError(f"lecam_weight={self.lecam_weight!r} must be >= 0")
         if self.variant == "vqgan":
             # Each of the PatchGAN's disc_layers halves the side, then two 4x4 stride-1 convs take 2 more.
             side_name = "resolution" if self.modality == "image" else "seq_len"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import DISC_NORMS, VQConfig
+from .configuration import DISC_INITS, DISC_NORMS, VQConfig
 
 
 class Blur(nn.Module):
@@ -45,6 +45,8 @@ class PatchDiscriminator(nn.Module):
         super().__init__()
         if norm not in DISC_NORMS:
             raise ValueError(f"disc_norm={norm!r} is not supported; expected one of {list(DISC_NORMS)}")
+        if init not in DISC_INITS:
+            raise ValueError(f"disc_init={init!r} is not supported; expected one of {list(DISC_INITS)}")
         dims = 2 if conv is nn.Conv2d else 1
         wrap = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda module: module)
 

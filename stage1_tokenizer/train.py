@@ -20,7 +20,8 @@ from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs, release_freed_memory,
+    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs,
+    release_freed_memory,
     resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
 
@@ -320,6 +321,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
     parser.add_argument("--max-eval-items", type=int, help="evaluate on at most this many test records (default: all)")
     args = parser.parse_args(argv)
+    if args.disc_grad_clip < 0:
+        parser.error(f"--disc-grad-clip must be >= 0 (0: no clipping), got {args.disc_grad_clip}")
     for name in ("max_steps", "threads", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
                  "max_eval_items"):
         value = getattr(args, name)

@@ -150,3 +150,8 @@ def test_taming_recipe_from_the_command_line(tmp_path):
 def test_config_values_of_the_wrong_kind_are_named(fields, message):
     with pytest.raises(ValueError, match=message):
         VQConfig(**fields)
+
+
+def test_unknown_discriminator_init_is_named():
+    with pytest.raises(ValueError, match="disc_init='kaiming' is not supported"):
+        PatchDiscriminator(1, 8, 2, init="kaiming")

@@ -339,3 +339,12 @@ def test_integer_labels_without_names_get_numbered_classes(tmp_path):
     folder.mkdir()
     datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 2, 1]}).to_parquet(folder / "train.parquet")
     assert load_split(str(folder), "train", "text").class_names == ["0", "1", "2"]
+
+
+def test_negative_disc_grad_clip_is_named(tmp_path, capsys):
+    from stage1_tokenizer.train import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--max-steps", "1", "--output-dir", str(tmp_path), "--disc-grad-clip", "-1"])
+    assert exit_info.value.code == 2
+    assert "--disc-grad-clip must be >= 0 (0: no clipping), got -1.0" in capsys.readouterr().err
