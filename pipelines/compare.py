@@ -33,7 +33,7 @@ BUDGETS: dict[str, dict] = {
     # Fashion-MNIST (32x32 -> 8x8 codes) in under an hour on 2 CPU cores *without* fast bf16 (fp32 throughout,
     # e.g. an AVX2-only CPU): measured 0.55 s per VQ-VAE step and 0.65-0.9 s per VQGAN step at batch 32.
     "standard": dict(tokenizer_preset="small", tokenizer_steps=1200, tokenizer_batch=32, disc_start=400,
-                     prior_preset="small", prior_steps=1000, prior_batch=32, num_eval_samples=1000,
+                     prior_preset="small", prior_steps=1000, prior_batch=32, num_eval_samples=2000,
                      guidance_scale=2.0),
 }
 # Per-modality changes to a budget (text models are 1-D and far cheaper per step than image models).
