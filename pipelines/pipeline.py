@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +16,9 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from stage1_tokenizer.modeling import VQModel
 from stage2_prior.modeling import TokenLayout
+from stage2_prior.folder import PIPELINE_CONFIG, SAMPLE_GRID, folder_config, grid_labels, save_metadata, save_weights
 from stage2_prior.sampling import sample_codes
 
-PIPELINE_CONFIG = "pipeline_config.json"
-SAMPLE_GRID = "sample_grid.png"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OUTPUT_TYPES = ("pil", "pt", "np")
 
@@ -142,6 +140,7 @@ class VQPipeline:
         self.layout = layout
         self.class_names = class_names
         self.metadata = dict(metadata or {})
+        self.sample_grid: Image.Image | None = None  # the grid of the folder it was loaded from, if any; kept on save
 
     @property
     def modality(self) -> str:
@@ -262,45 +261,17 @@ class VQPipeline:
     # ----------------------------------------------------------------- persistence
     def config_dict(self) -> dict:
         """Contents of pipeline_config.json."""
-        import importlib.metadata
-
-        versions = {}
-        for package in ("vqgen", "torch", "transformers", "accelerate", "safetensors", "huggingface_hub"):
-            try:
-                versions[package] = importlib.metadata.version(package)
-            except importlib.metadata.PackageNotFoundError:
-                versions[package] = None
-        return {
-            "_class_name": "VQPipeline",
-            "modality": self.modality,
-            "tokenizer_variant": self.tokenizer.config.variant,
-            "class_conditional": self.layout.conditional,
-            "class_names": self.class_names,
-            "token_layout": self.layout.to_dict(),
-            "latent_shape": list(self.tokenizer.config.latent_shape),
-            "metadata": self.metadata,
-            "library_versions": versions,
-        }
+        return folder_config(self.tokenizer, self.layout, self.class_names, self.metadata)
 
     def save_pretrained(self, save_directory: str | os.PathLike, sample_grid: Image.Image | None = None) -> Path:
-        """Write pipeline_config.json, tokenizer/, prior/, a sample grid and the README.md model card."""
+        """Write pipeline_config.json, tokenizer/, prior/ and the README.md model card; nothing is sampled.
+
+        `sample_grid` (e.g. `pipe.generate(...).grid()`), when given, is saved as sample_grid.png and shown in the card;
+        otherwise the grid of the folder this pipeline was loaded from, if it had one.
+        """
         root = Path(save_directory)
-        root.mkdir(parents=True, exist_ok=True)
-        for name, model in (("tokenizer", self.tokenizer), ("prior", self.prior)):
-            staging = root / f".tmp-{name}"
-            shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(str(staging), safe_serialization=True)
-            # Move the old folder aside before the new one takes its place: never a moment without weights.
-            retired = root / f".old-{name}"
-            shutil.rmtree(retired, ignore_errors=True)
-            if (root / name).exists():
-                os.replace(root / name, retired)
-            os.replace(staging, root / name)
-            shutil.rmtree(retired, ignore_errors=True)
-        if sample_grid is None and self.modality == "image":
-            labels = self.class_grid_labels(8)
-            out = self.generate(num_samples=len(labels) if labels else 16, class_labels=labels, seed=0)
-            sample_grid = out.grid(nrow=8 if labels else None)
+        save_weights(root, self.tokenizer, self.prior)
+        sample_grid = sample_grid if sample_grid is not None else self.sample_grid
         if sample_grid is not None:
             sample_grid.save(root / SAMPLE_GRID)
         self.save_metadata(root)
@@ -308,19 +279,11 @@ class VQPipeline:
 
     def save_metadata(self, save_directory: str | os.PathLike) -> None:
         """Rewrite pipeline_config.json and the README.md model card (e.g. after evaluation added metrics)."""
-        from .model_card import write_model_card
-
-        root = Path(save_directory)
-        staging = root / f".tmp-{PIPELINE_CONFIG}"
-        staging.write_text(json.dumps(self.config_dict(), indent=2, default=float))
-        os.replace(staging, root / PIPELINE_CONFIG)
-        write_model_card(self, root)
+        save_metadata(Path(save_directory), self.tokenizer, self.layout, self.class_names, self.metadata)
 
     def class_grid_labels(self, per_class: int = 8) -> list[int] | None:
         """Labels for a grid with one row of `per_class` samples per class (None when unconditional)."""
-        if not self.layout.conditional:
-            return None
-        return [c for c in range(self.layout.num_classes) for _ in range(per_class)]
+        return grid_labels(self.layout, per_class)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, revision: str | None = None,
@@ -342,6 +305,9 @@ class VQPipeline:
         layout = TokenLayout.from_dict(config["token_layout"])
         pipeline = cls(tokenizer, prior, layout=layout, class_names=config.get("class_names"),
                        metadata=config.get("metadata"))
+        if (root / SAMPLE_GRID).is_file():
+            with Image.open(root / SAMPLE_GRID) as grid:
+                pipeline.sample_grid = grid.copy()
         if device is not None:
             pipeline.to(device)
         return pipeline

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from stage1_tokenizer.train_utils import (
     resume_checkpoint, run_cli, save_checkpoint, tune_allocator,
 )
 
+from .folder import SAMPLE_GRID, sample_preview, save_metadata, save_weights
 from .modeling import PRIOR_PRESETS, TokenLayout, build_prior
 from .tokenize_dataset import build_code_cache, codes_tensor
 
@@ -59,14 +61,6 @@ def validation_loss(accelerator, prior, layout, codes, labels, conditional, batc
     prior.train()
     nll = total / max(count, 1)
     return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
-
-
-def save_sample_grid(pipeline, path: Path, seed: int, per_class: int = 8):
-    """Write a grid (one row per class when conditional) or a text file of samples; return the PIL grid (images)."""
-    labels = pipeline.class_grid_labels(per_class)
-    out = pipeline.generate(num_samples=len(labels) if labels else 16, class_labels=labels, seed=seed)
-    out.save(path, nrow=per_class if labels else None)
-    return out.grid(nrow=per_class if labels else None) if out.images is not None else None
 
 
 def main(args: argparse.Namespace) -> None:
@@ -122,7 +116,8 @@ def main(args: argparse.Namespace) -> None:
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     every = {k: getattr(args, k) or defaults[k] for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
     unwrapped = accelerator.unwrap_model(prior)
-    pipeline = make_pipeline(tokenizer, unwrapped, layout, class_names, args)
+    class_names = class_names if conditional else None
+    metadata = {"dataset": args.dataset, "prior_preset": args.preset, "train_steps": args.max_steps, "seed": args.seed}
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="prior", dynamic_ncols=True)
     prior.train()
@@ -156,28 +151,22 @@ def main(args: argparse.Namespace) -> None:
             progress.set_postfix(loss=f"{row['loss']:.3f}")
             tick = time.time()
         if step % every["sample_every"] == 0 and accelerator.is_main_process:
-            save_sample_grid(pipeline, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
+            sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
         if step % every["checkpoint_every"] == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
         final = validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional)
-        pipeline.metadata["prior_metrics"] = final
-        grid = save_sample_grid(pipeline, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
-        pipeline.save_pretrained(output_dir, sample_grid=grid)
+        metadata["prior_metrics"] = final
+        save_weights(output_dir, tokenizer, unwrapped)
+        preview = sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
+        if preview.suffix == ".png":
+            shutil.copyfile(preview, output_dir / SAMPLE_GRID)
+        save_metadata(output_dir, tokenizer, layout, class_names, metadata)
         accelerator.print(f"validation: {final['val_nll']:.4f} nats/code, {final['val_bits_per_code']:.4f} bits/code")
     logger.close()
     accelerator.end_training()
-
-
-def make_pipeline(tokenizer, prior, layout, class_names, args):
-    """The inference pipeline this run writes (tokenizer + prior + settings)."""
-    from pipelines.pipeline import VQPipeline
-
-    return VQPipeline(tokenizer, prior, layout=layout, class_names=class_names if layout.conditional else None,
-                      metadata={"dataset": args.dataset, "prior_preset": args.preset, "train_steps": args.max_steps,
-                                "seed": args.seed})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.model_card import write_model_card
+from stage2_prior.model_card import write_model_card
 from pipelines.pipeline import VQPipeline
 from stage1_tokenizer.configuration import VQConfig
 from stage1_tokenizer.modeling import VQModel
@@ -61,6 +61,21 @@ def test_save_load_round_trip(pipe, tmp_path):
     before, after = pipe.generate(**kwargs), loaded.generate(**kwargs)
     assert torch.equal(before.codes, after.codes)
     assert torch.equal(before.images, after.images)
+
+
+def test_save_pretrained_only_serialises(pipe, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("save_pretrained ran the model")
+
+    fresh = VQPipeline(pipe.tokenizer, pipe.prior, pipe.layout, pipe.class_names, pipe.metadata)
+    monkeypatch.setattr(fresh, "generate", refuse)
+    monkeypatch.setattr("stage2_prior.sampling.sample_codes", refuse)
+    fresh.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "sample_grid.png").exists()
+    grid = Image.new("RGB", (20, 10))
+    fresh.save_pretrained(tmp_path / "with_grid", sample_grid=grid)
+    assert (tmp_path / "with_grid" / "sample_grid.png").is_file()
+    assert "![samples](sample_grid.png)" in (tmp_path / "with_grid" / "README.md").read_text()
 
 
 def test_unconditional_save_load_round_trip(unconditional_pipe, tmp_path):
@@ -247,7 +262,8 @@ def test_model_card_lists_a_hub_dataset(pipe, tmp_path):
 
     hub_trained = VQPipeline(pipe.tokenizer, pipe.prior, pipe.layout, pipe.class_names,
                              metadata={**pipe.metadata, "dataset": "someone/fashion"})
-    write_model_card(hub_trained, tmp_path)
+    write_model_card(tmp_path, hub_trained.tokenizer.config, hub_trained.layout, hub_trained.class_names,
+                     hub_trained.metadata)
 
     assert ModelCard.load(tmp_path / "README.md").data.datasets == ["someone/fashion"]
     assert "sample_grid.png" not in (tmp_path / "README.md").read_text()  # no grid in this folder: no image link

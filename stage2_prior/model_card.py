@@ -27,10 +27,10 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def write_model_card(pipeline, root: Path) -> Path:
-    """Write root/README.md describing the pipeline, its data, metrics and sample grid."""
-    config = pipeline.tokenizer.config
-    meta = pipeline.metadata
+def write_model_card(root: Path, config, layout, class_names: list[str] | None, metadata: dict) -> Path:
+    """Write root/README.md for a pipeline folder: its tokenizer `config` (a VQConfig), token `layout`, data, metrics
+    and sample grid."""
+    meta = metadata
     dataset = meta.get("dataset")
     tags = ["vqgen", "vector-quantization", config.variant, "autoregressive-prior", f"{config.modality}-generation"]
     yaml = ["---", "library_name: vqgen", "tags:"] + [f"- {t}" for t in tags]
@@ -39,7 +39,6 @@ def write_model_card(pipeline, root: Path) -> Path:
     yaml += ["license: apache-2.0", "---", ""]
 
     grid = root / "sample_grid.png"
-    layout = pipeline.layout
     shape = "x".join(map(str, config.latent_shape))
     lines = yaml + [
         f"# vqgen pipeline: {VARIANT_NAMES[config.variant]} tokenizer + GPT prior",
@@ -57,8 +56,8 @@ def write_model_card(pipeline, root: Path) -> Path:
         f"- Prior vocabulary: {layout.vocab_size} tokens ({layout.codebook_size} codes + {layout.num_classes} classes "
         "+ null class + bos)",
     ]
-    if pipeline.class_names:
-        lines.append(f"- Classes: {', '.join(map(str, pipeline.class_names))}")
+    if class_names:
+        lines.append(f"- Classes: {', '.join(map(str, class_names))}")
     lines += ["", "## Usage", "", "```python", "from pipelines import VQPipeline", "",
               'pipe = VQPipeline.from_pretrained("<this repo id or folder>")']
     if layout.conditional:
