@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import shutil
@@ -17,16 +16,28 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from stage1_tokenizer.data import BUILTIN_DATASETS, DataError, StepBatchSampler
+from stage1_tokenizer.arguments import parse_arguments, save_arguments
+from stage1_tokenizer.data import DataError, StepBatchSampler
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
 from stage1_tokenizer.train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, file_sha256, mixed_precision_mode,
-    resume_checkpoint, run_cli, save_checkpoint, tune_allocator,
+    MetricsLogger,
+    NonFiniteGuard,
+    catch_interrupts,
+    check_compile_available,
+    check_run_identity,
+    claim_output_dir,
+    file_sha256,
+    mixed_precision_mode,
+    resume_checkpoint,
+    run_cli,
+    save_checkpoint,
+    tune_allocator,
 )
 
+from .arguments import PriorTrainingArguments
 from .folder import SAMPLE_GRID, sample_preview, save_metadata, save_weights
-from .modeling import PRIOR_PRESETS, TokenLayout, build_prior
+from .modeling import TokenLayout, build_prior
 from .tokenize_dataset import build_code_cache, codes_tensor
 
 
@@ -63,12 +74,14 @@ def validation_loss(accelerator, prior, layout, codes, labels, conditional, batc
     return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: PriorTrainingArguments) -> None:
+    args = args.resolved()
     tune_allocator()
     set_torch_threads(args.threads)
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
     tokenizer = VQModel.from_pretrained(args.tokenizer).to(accelerator.device).eval()
     with accelerator.main_process_first():
         train_codes, class_names, _ = build_code_cache(tokenizer, args.dataset, "train", args.cache_dir)
@@ -82,14 +95,13 @@ def main(args: argparse.Namespace) -> None:
         eval_x, eval_y = eval_x[: args.max_eval_items], eval_y[: args.max_eval_items]
     layout = TokenLayout(tokenizer.config.codebook_size, len(class_names) if conditional else 0, train_x.shape[1])
 
-    defaults = PRIOR_PRESETS[args.preset]["train"]
-    batch_size = args.batch_size or defaults["batch_size"]
+    batch_size = args.batch_size
     prior = build_prior(args.preset, layout)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate or defaults["learning_rate"],
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate,
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     # The cosine spans --decay-steps (default --max-steps); fix it to extend a run later bit-identically.
     decay_steps = args.decay_steps or args.max_steps
-    warmup = min(args.warmup_steps if args.warmup_steps is not None else defaults["warmup_steps"], decay_steps)
+    warmup = min(args.warmup_steps, decay_steps)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, decay_steps)
     prior, optimizer, scheduler = accelerator.prepare(prior, optimizer, scheduler)
     train_loss = code_loss
@@ -110,11 +122,13 @@ def main(args: argparse.Namespace) -> None:
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         logger.path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        save_arguments(args, output_dir)
 
     sampler = iter(StepBatchSampler(len(train_x), batch_size, args.seed, step,
                                     accelerator.process_index, accelerator.num_processes))
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
-    every = {k: getattr(args, k) or defaults[k] for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
+    every = {k: getattr(args, k) for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
     unwrapped = accelerator.unwrap_model(prior)
     class_names = class_names if conditional else None
     metadata = {"dataset": args.dataset, "prior_preset": args.preset, "train_steps": args.max_steps, "seed": args.seed}
@@ -122,6 +136,7 @@ def main(args: argparse.Namespace) -> None:
                     desc="prior", dynamic_ncols=True)
     prior.train()
     tick = time.time()
+    interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         index = torch.tensor(next(sampler))
         sequence = sequence_batch(layout, train_x[index], train_y[index], args.label_dropout, step, args.seed,
@@ -154,6 +169,7 @@ def main(args: argparse.Namespace) -> None:
             sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
         if step % every["checkpoint_every"] == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+        interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
@@ -169,48 +185,9 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokenizer", required=True, help="folder of a trained stage-1 tokenizer")
-    parser.add_argument("--dataset", default="digits", help=f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}")
-    parser.add_argument("--preset", choices=sorted(PRIOR_PRESETS), default="tiny")
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--output-dir", required=True, help="becomes a complete pipeline folder")
-    parser.add_argument("--class-conditional", action="store_true", help="condition on the data set's labels")
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--warmup-steps", type=int)
-    parser.add_argument("--decay-steps", type=int,
-                        help="length of the cosine learning-rate decay (default: --max-steps); set it when a run "
-                             "will be extended with --resume so the schedule does not depend on --max-steps")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
-    parser.add_argument("--grad-clip", type=float, default=1.0)
-    parser.add_argument("--cache-dir", type=Path, help="where code caches live (default ~/.cache/vqgen/codes)")
-    parser.add_argument("--max-eval-items", type=int, default=2000, help="cap on validation sequences")
-    parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: OMP_NUM_THREADS, else one per "
-                                                    "usable core; see README, Threads)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training loss (faster steps after a minute of compilation)")
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--eval-every", type=int)
-    parser.add_argument("--sample-every", type=int)
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--max-nonfinite", type=int, default=20)
-    args = parser.parse_args(argv)
-    for name in ("max_steps", "threads", "decay_steps", "batch_size", "log_every", "eval_every", "sample_every", "checkpoint_every",
-                 "keep_checkpoints", "max_nonfinite", "max_eval_items"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0.0 <= args.label_dropout < 1.0:
-        parser.error(f"--label-dropout must be in [0, 1), got {args.label_dropout}")
-    return args
+def parse_args(argv: list[str] | None = None) -> PriorTrainingArguments:
+    """Command-line flags, or one JSON file of fields, as PriorTrainingArguments."""
+    return parse_arguments(PriorTrainingArguments, argv, description=__doc__)
 
 
 def cli(argv: list[str] | None = None) -> None:

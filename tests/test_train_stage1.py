@@ -78,12 +78,17 @@ def test_two_step_run_writes_its_files_and_they_load(train, tmp_path, dataset, m
     assert json.loads((checkpoint / "train_state.json").read_text())["step"] == 2
     assert (checkpoint / "manifest.json").is_file()
 
+    ran_with = json.loads((out / "training_args.json").read_text())  # what ran: the preset's defaults filled in
+    assert ran_with["max_steps"] == 2 and ran_with["batch_size"] == TOKENIZER_PRESETS["tiny"]["train"]["batch_size"]
+
     results = json.loads((out / "eval_results.json").read_text())
     assert 0 < results["test_codebook_usage"] <= 100 and results["test_perplexity"] >= 1
     if modality == "image":
         assert results["num_examples"] == DIGITS_TEST_SIZE and math.isfinite(results["test_psnr"])
+        assert set(results) == {"num_examples", "test_mse", "test_psnr", "test_ssim", "test_codebook_usage",
+                                "test_perplexity"}
     else:
-        assert 0 <= results["test_byte_accuracy"] <= 1
+        assert 0 <= results["test_byte_accuracy"] <= 1 and 0 <= results["test_exact_match"] <= 1
 
     model = VQModel.from_pretrained(out)
     assert (model.config.variant, model.config.modality) == (variant, modality)
@@ -96,6 +101,44 @@ def test_two_step_run_writes_its_files_and_they_load(train, tmp_path, dataset, m
         assert model.encode(torch.zeros(2, 1, 16, 16)).shape == (2, 8, 8)
     else:
         assert model.encode(["def f(x):", "héllo"]).shape == (2, model.config.seq_len // 2)
+
+
+def _write_padded_reviews(folder: Path) -> Path:
+    """A labelled text data set whose records are all shorter than the tiny preset's seq_len (so they end in pads)."""
+    import datasets
+
+    texts = ["a warm , funny film", "the cast is wonderful", "a dull , lifeless mess", "the plot is flat"]
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    folder.mkdir()
+    for split, repeats in (("train", 8), ("validation", 2)):
+        rows = {"sentence": texts * repeats, "label": [1, 1, 0, 0] * repeats}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def test_eval_results_byte_accuracy_is_the_compare_evaluators_and_ignores_pads(train, tmp_path):
+    from stage1_tokenizer.configuration import PAD_BYTE
+    from stage1_tokenizer.data import load_split, text_dataset
+    from stage1_tokenizer.evaluation import reconstruction_metrics
+
+    data = _write_padded_reviews(tmp_path / "reviews")
+    out = train(tmp_path / "run", "--dataset", data, "--modality", "text", "--variant", "vqvae", steps=150)
+    results = json.loads((out / "eval_results.json").read_text())
+    model = VQModel.from_pretrained(out).eval()
+    compared = reconstruction_metrics(model, str(data))  # what `vqgen compare` reports for this tokenizer
+    assert results["test_byte_accuracy"] == compared["byte_accuracy"]
+    assert results["test_exact_match"] == compared["exact_match"]
+    assert results["num_examples"] == compared["num_items"] == 8
+
+    records = text_dataset(load_split(str(data), "eval", "text"), model.config.seq_len).windows
+    pads = records == PAD_BYTE
+    assert pads.any(1).all()  # every record is padded
+    with torch.no_grad():
+        predicted = model.decode(model.encode(records)).argmax(1)
+    correct = predicted == records
+    assert results["test_byte_accuracy"] == pytest.approx(float(correct[~pads].double().mean()))
+    assert results["test_byte_accuracy"] != pytest.approx(float(correct.double().mean()))  # pads counted
 
 
 @pytest.mark.parametrize("variant", ["vqvae", "vqgan"])
@@ -347,4 +390,4 @@ def test_negative_disc_grad_clip_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--max-steps", "1", "--output-dir", str(tmp_path), "--disc-grad-clip", "-1"])
     assert exit_info.value.code == 2
-    assert "--disc-grad-clip must be >= 0 (0: no clipping), got -1.0" in capsys.readouterr().err
+    assert "--disc-grad-clip must be a finite number >= 0.0, got -1.0" in capsys.readouterr().err

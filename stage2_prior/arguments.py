@@ -1,0 +1,68 @@
+"""Stage-2 training arguments: a dataclass parsed by HfArgumentParser, as stage 1's (see stage1_tokenizer.arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stage1_tokenizer.arguments import check_finite, check_positive, with_defaults
+from stage1_tokenizer.data import BUILTIN_DATASETS
+
+from .modeling import PRIOR_PRESETS
+
+
+def _help(text: str, **metadata) -> dict:
+    return {"help": text, **metadata}
+
+
+@dataclass
+class PriorTrainingArguments:
+    """Stage 2: train the GPT-style prior over a trained tokenizer's codes; the output folder is a full pipeline."""
+
+    tokenizer: str = field(metadata=_help("folder of a trained stage-1 tokenizer"))
+    max_steps: int = field(metadata=_help("optimizer steps to train for"))
+    output_dir: str = field(metadata=_help("becomes a complete pipeline folder"))
+    dataset: str = field(default="digits", metadata=_help(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
+    preset: str = field(default="tiny", metadata=_help("size preset", choices=sorted(PRIOR_PRESETS)))
+    class_conditional: bool = field(default=False, metadata=_help("condition on the data set's labels"))
+    resume: bool = field(default=False, metadata=_help("continue from the newest intact checkpoint"))
+    seed: int = 0
+    batch_size: int | None = field(default=None, metadata=_help("default: the preset's"))
+    learning_rate: float | None = field(default=None, metadata=_help("peak learning rate (default: the preset's)"))
+    warmup_steps: int | None = field(default=None, metadata=_help("default: the preset's"))
+    decay_steps: int | None = field(default=None, metadata=_help(
+        "length of the cosine learning-rate decay (default: --max-steps); set it when a run will be extended with "
+        "--resume so the schedule does not depend on --max-steps"))
+    weight_decay: float = 0.05
+    label_dropout: float = field(default=0.1, metadata=_help("probability of the null class (for guidance)"))
+    grad_clip: float = 1.0
+    cache_dir: str | None = field(default=None, metadata=_help("where code caches live (default ~/.cache/vqgen/codes)"))
+    max_eval_items: int = field(default=2000, metadata=_help("cap on validation sequences"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    cpu: bool = False
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for torch (default: OMP_NUM_THREADS, else the cores other processes leave free; README, Threads)"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the training loss"))
+    log_every: int | None = None
+    eval_every: int | None = None
+    sample_every: int | None = None
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 20
+
+    def __post_init__(self):
+        if self.preset not in PRIOR_PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is unknown; expected one of {sorted(PRIOR_PRESETS)}")
+        check_positive(self, ("max_steps", "threads", "decay_steps", "batch_size", "log_every", "eval_every",
+                              "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
+                              "max_eval_items"))
+        check_finite(self, ("learning_rate", "grad_clip"))
+        check_finite(self, ("weight_decay",), strict=False)
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+
+    def resolved(self) -> "PriorTrainingArguments":
+        """A copy with the preset's training defaults in place of None."""
+        return with_defaults(self, PRIOR_PRESETS[self.preset]["train"])
