@@ -20,7 +20,8 @@ from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs,
+    MetricsLogger, NonFiniteGuard, catch_interrupts, check_compile_available, check_run_identity, claim_output_dir,
+    mixed_precision_mode, reduce_logs,
     release_freed_memory,
     resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
@@ -167,6 +168,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
     train_split = load_split(args.dataset, "train", args.modality)
     in_channels = infer_channels(train_split, args.skip_corrupt) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
@@ -212,6 +214,7 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc=f"{config.variant} tokenizer", dynamic_ncols=True)
     tick, data_iter = time.time(), iter(loader)
+    interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
         if args.hflip and config.modality == "image":
@@ -233,6 +236,7 @@ def main(args: argparse.Namespace) -> None:
             save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
         if step % checkpoint_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+        interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:

@@ -1,13 +1,20 @@
-"""Helpers both stages' training scripts share: atomic checkpoints, metric logging, precision, allocator."""
+"""Helpers both stages' training scripts share: atomic checkpoints, metric logging, precision, allocator, the
+output folder's checks and lock, Ctrl-C handling and one-line errors (run_cli)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,22 +33,271 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run saved a checkpoint and stopped."""
 
 
+class OutputDirError(ValueError):
+    """An --output-dir that cannot hold a run: a file, not writable, or in use by another run."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the training loop after saving a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # Errors caused by the user's input or data: reported in one line, never as a traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError)
+OUR_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) + os.sep
+                     for name in ("stage1_tokenizer", "stage2_prior", "pipelines"))
+RESUME_FLAG = "--resume"
+_RUN_SCOPES: list[contextlib.ExitStack] = []  # the running run_cli calls' cleanups (output lock, signal handlers)
+
+
+def _raised_by_our_checks(error: BaseException) -> bool:
+    """True for our own error classes, and for a ValueError/FileNotFoundError raised in vqgen's code; one raised
+    inside a library (torch, transformers, ...) is a bug until proven otherwise, and keeps its traceback."""
+    from .data import DataError
+
+    if isinstance(error, (DataError, CheckpointError, OutputDirError)):
+        return True
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    return traceback is not None and os.path.realpath(traceback.tb_frame.f_code.co_filename).startswith(OUR_PACKAGES)
+
+
+def enter_for_run(context):
+    """Enter a context manager for the rest of the current run: run_cli exits it when the run ends, however it
+    ends (outside run_cli, at interpreter exit). Returns what its __enter__ returns."""
+    if _RUN_SCOPES:
+        return _RUN_SCOPES[-1].enter_context(context)
+    entered = context.__enter__()
+    atexit.register(context.__exit__, None, None, None)
+    return entered
 
 
 def run_cli(main, args) -> None:
-    """Run a training `main(args)`: bad input exits 2 and a non-finite stop exits 1, each with one `error:` line."""
+    """Run a training `main(args)`, turning its endings into one line on stderr and an exit status: bad input 2
+    (`error: ...`), a non-finite stop 1, Ctrl-C / SIGTERM 130 / 143 (where the checkpoint is, how to resume).
+
+    ValueError / FileNotFoundError raised by a library rather than by our checks keep their traceback. The
+    run's output lock and signal handlers are released whichever way it ends.
+    """
+    with contextlib.ExitStack() as scope:
+        _RUN_SCOPES.append(scope)
+        try:
+            main(args)
+        except TrainingInterrupted as stop:
+            _print_last_line(str(stop))
+            sys.exit(stop.exit_code)
+        except KeyboardInterrupt:
+            _print_last_line(_interrupted_message(getattr(args, "output_dir", None)))
+            sys.exit(130)
+        except USER_ERRORS as error:
+            if not _raised_by_our_checks(error):
+                raise
+            _print_last_line(f"error: {error}")
+            sys.exit(2)
+        except NonFiniteLossError as error:
+            _print_last_line(f"error: {error}")
+            sys.exit(1)
+        finally:
+            _RUN_SCOPES.pop()
+
+
+def _print_last_line(message: str) -> None:
+    """Close the progress bars a run left open (so the message starts its own line), then print it to stderr."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(message, file=sys.stderr)
+
+
+def _interrupted_message(output_dir) -> str:
+    """The line for a Ctrl-C outside the training loop (setup, final save or evaluation): what is kept."""
+    saved = list_checkpoints(Path(output_dir) / "checkpoints") if output_dir else []
+    if not saved:
+        return "interrupted before the first checkpoint; nothing to resume from"
+    return (f"interrupted; the newest checkpoint is {saved[-1]}: rerun the same command with {RESUME_FLAG} "
+            "to continue from it")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """--output-dir must be a folder this process can write in (created when missing): checked before any data
+    is loaded or step run, so a typo or a read-only disk fails at once, not after an hour of training."""
+    path = Path(output_dir)
+    shown = str(output_dir)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--output-dir {shown!r} is an existing file, not a folder; choose another path")
     try:
-        main(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        raise OutputDirError(f"--output-dir {shown!r} cannot be created: {blocking or 'a parent'} is a file, "
+                             "not a folder") from None
+    except OSError as error:
+        raise OutputDirError(f"--output-dir {shown!r} cannot be created ({error.strerror or error})") from None
+    for folder in (path, path / "checkpoints", path / "samples"):
+        if not folder.is_dir():
+            continue
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as error:
+            raise OutputDirError(f"--output-dir {shown!r} is not writable: {folder} ({error.strerror or error}); "
+                                 "fix its permissions or choose another folder") from None
+
+
+class OutputLock:
+    """`output_dir/.lock`, created atomically (O_EXCL) and holding {"pid", "host"}: one run per output folder.
+
+    A lock whose process no longer runs on this host (a run that was killed) is stale: it is taken over with
+    a warning. A live one, or one from another host, refuses the run, naming the folder and the PID.
+    Released (deleted, when it is still ours) on exit, exceptions included.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / self.NAME
+        self.owner = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock is removed, then the atomic create retried
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._remove_if_stale()
+                continue
+            with os.fdopen(handle, "w") as file:
+                json.dump({**self.owner, "started": time.strftime("%Y-%m-%d %H:%M:%S")}, file)
+            self.held = True
+            return self
+        raise OutputDirError(f"--output-dir {str(self.path.parent)!r}: could not take its lock {self.path}")
+
+    def _remove_if_stale(self) -> None:
+        """Delete the lock when its run is gone; raise OutputDirError when it may still be running."""
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except FileNotFoundError:
+            return  # released meanwhile: retry
+        except (ValueError, KeyError, TypeError):
+            holder, pid, host = {}, None, None  # unreadable (e.g. being written): treat as held
+        folder = str(self.path.parent)
+        if pid is None:
+            raise OutputDirError(f"--output-dir {folder!r} is in use by another training run (its lock {self.path} "
+                                 "is unreadable); wait for it, or delete the lock if no run is using the folder")
+        if host != self.owner["host"]:
+            raise OutputDirError(f"--output-dir {folder!r} is in use by training process {pid} on host {host!r}; "
+                                 f"wait for it, or delete {self.path} if that run is gone")
+        if _process_running(pid):
+            raise OutputDirError(f"--output-dir {folder!r} is in use by another training run (process {pid}, "
+                                 f"started {holder.get('started', '?')}); wait for it to finish or choose another "
+                                 "--output-dir")
+        print(f"warning: taking over the stale lock {self.path} of process {pid}, which is no longer running",
+              file=sys.stderr)
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.held:
+            return
+        self.held = False
+        try:  # only our own lock: never one another run took over meanwhile
+            if json.loads(self.path.read_text()).get("pid") == self.owner["pid"]:
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def claim_output_dir(output_dir: Path, accelerator) -> None:
+    """Before any training work: check --output-dir (check_output_dir) and, on the main process, hold its
+    OutputLock until the run ends."""
+    check_output_dir(output_dir)
+    if accelerator.is_main_process:
+        enter_for_run(OutputLock(output_dir))
+
+
+class InterruptHandler:
+    """Ctrl-C (SIGINT) or SIGTERM during the training loop: finish the step, save a checkpoint, stop.
+
+    The first signal only sets a flag that `check(step)` reads after each step (agreed on by all processes);
+    a second one interrupts at once. Raises TrainingInterrupted, whose one line says where the checkpoint is
+    and how to resume. After the last step the previous handlers are back, so Ctrl-C then interrupts the final
+    save or evaluation at once (the checkpoints saved so far are kept).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accelerator, checkpoint_dir: Path, keep: int, max_steps: int):
+        self.accelerator, self.checkpoint_dir, self.keep, self.max_steps = accelerator, checkpoint_dir, keep, max_steps
+        self.received: int | None = None
+        self.previous: dict = {}
+        self.started = time.time()
+
+    def __enter__(self) -> InterruptHandler:
+        if threading.current_thread() is threading.main_thread():  # a signal ignored (nohup, `cmd &`) stays so
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                             if signal.getsignal(sig) is not signal.SIG_IGN}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second one: stop now
+            self.__exit__()
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def check(self, step: int) -> None:
+        """After each step: when a signal came, save a checkpoint (unless this step's is saved) and stop."""
+        received = self.received
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(received or 0)], device=self.accelerator.device)
+            received = int(self.accelerator.gather(flag).max()) or None
+        if received is None:
+            if step >= self.max_steps:
+                self.__exit__()
+            return
+        checkpoint = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+        saved_step, saved_at = _LAST_SAVE.get(self.checkpoint_dir, (None, 0.0))
+        if not (saved_step == step and saved_at >= self.started):  # this run has not saved this step yet
+            checkpoint = save_checkpoint(self.accelerator, self.checkpoint_dir, step, self.keep)
+        self.__exit__()
+        name = signal.Signals(received).name
+        raise TrainingInterrupted(f"interrupted ({name}) at step {step}: saved {checkpoint}; to continue, rerun the "
+                                  f"same command with {RESUME_FLAG}", 128 + received)
+
+
+def catch_interrupts(accelerator, checkpoint_dir: Path, keep: int, max_steps: int) -> InterruptHandler:
+    """An InterruptHandler, installed for the rest of the run; call its `check(step)` after every step."""
+    return enter_for_run(InterruptHandler(accelerator, checkpoint_dir, keep, max_steps))
+
 
 MANIFEST = "manifest.json"
+# (step, time) of each checkpoint folder's latest save in this process, the same on every rank: an interrupt
+# right after a periodic save does not save that step again.
+_LAST_SAVE: dict[Path, tuple[int, float]] = {}
 
 
 def tune_allocator() -> None:
@@ -146,12 +402,24 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, ext
     if accelerator.is_main_process:
         (staging / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
         write_manifest(staging)
-        if final.exists():  # re-saving the same step (e.g. end of a resumed run that did nothing)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        # Re-saving the same step (e.g. the end of a resumed run that did nothing): the old folder is moved
+        # aside, not deleted, until the new one is in place.
+        previous = checkpoint_dir / f".old-{CHECKPOINT_PREFIX}{step}"
+        moved_aside = final.exists()
+        if moved_aside:
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if moved_aside:
+                os.replace(previous, final)
+            raise
+        shutil.rmtree(previous, ignore_errors=True)
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    _LAST_SAVE[checkpoint_dir] = (step, time.time())
     return final
 
 
