@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from .configuration import GAN_RECIPES, TOKENIZER_PRESETS, VARIANTS, VQConfig
 from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
+from .evaluation import reconstruction_metrics
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, catch_interrupts, check_compile_available, check_run_identity, claim_output_dir,
-    mixed_precision_mode, reduce_logs,
+    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs,
     release_freed_memory,
     resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
 )
@@ -168,7 +168,6 @@ def main(args: argparse.Namespace) -> None:
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
     train_split = load_split(args.dataset, "train", args.modality)
     in_channels = infer_channels(train_split, args.skip_corrupt) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
@@ -214,7 +213,6 @@ def main(args: argparse.Namespace) -> None:
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc=f"{config.variant} tokenizer", dynamic_ncols=True)
     tick, data_iter = time.time(), iter(loader)
-    interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
         if args.hflip and config.modality == "image":
@@ -236,50 +234,19 @@ def main(args: argparse.Namespace) -> None:
             save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
         if step % checkpoint_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
-        interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
         save_pretrained_atomic(unwrapped, output_dir)
         save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
-        summary = evaluate_reconstruction(unwrapped, eval_set, accelerator.device, max_items=args.max_eval_items)
+        metrics = reconstruction_metrics(unwrapped, eval_set, max_items=args.max_eval_items)
+        summary = {"num_examples": metrics.pop("num_items"), **{f"test_{k}": v for k, v in metrics.items()}}
         if args.skip_corrupt:
             summary["skipped_corrupt_records"] = skipped
         (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))
         accelerator.print(json.dumps(summary))
     logger.close()
     accelerator.end_training()
-
-
-@torch.no_grad()
-def evaluate_reconstruction(model: VQModel, dataset, device, batch_size: int = 256, max_items: int | None = None) -> dict:
-    """Codebook usage/perplexity and PSNR (images) or byte accuracy (text) over the evaluation split."""
-    from .quantizer import usage_from_counts
-
-    model.eval()
-    counts = torch.zeros(model.config.codebook_size)
-    squared_error, correct, total = 0.0, 0, 0
-    psnrs = []
-    count = len(dataset) if max_items is None else min(max_items, len(dataset))
-    for start in range(0, count, batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, count))]).to(device)
-        codes = model.encode(batch)
-        counts += torch.bincount(codes.flatten().cpu(), minlength=model.config.codebook_size).float()
-        out = model.decode(codes).float()
-        if model.config.modality == "image":
-            mse = (out - batch).pow(2).flatten(1).mean(1)  # per image, on the [-1, 1] scale
-            psnrs.append(10 * torch.log10(4.0 / mse.clamp_min(1e-10)))
-            squared_error += float(mse.sum())
-        else:
-            correct += int((out.argmax(1) == batch).sum())
-        total += batch.shape[0]
-    stats = usage_from_counts(counts)
-    result = {"num_examples": total, "test_codebook_usage": stats["codebook_usage"], "test_perplexity": stats["perplexity"]}
-    if model.config.modality == "image":
-        result.update(test_mse=squared_error / total, test_psnr=float(torch.cat(psnrs).mean()))
-    else:
-        result["test_byte_accuracy"] = correct / (total * model.config.seq_len)
-    return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
