@@ -21,9 +21,10 @@ from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, print_tabl
 
 import torch  # noqa: E402
 
-from pipelines import evaluation as ev  # noqa: E402
+from pipelines.classifier import load_or_train_classifier  # noqa: E402
 from pipelines.compare import gan_health  # noqa: E402
 from stage1_tokenizer.configuration import GAN_RECIPES  # noqa: E402
+from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402
 
 TAMING = GAN_RECIPES["taming"]
@@ -70,12 +71,12 @@ def main(args: argparse.Namespace) -> None:
         if args.rows and name not in args.rows:
             continue
         seconds[name] = train_row(args, name, fields, row_folder(root, name))
-    classifier, info = ev.load_or_train_classifier(args.dataset, 32, 1, args.seed)
+    classifier, info = load_or_train_classifier(args.dataset, 32, 1, args.seed)
     print(f"feature classifier: test accuracy {info.get('test_accuracy')}")
     for name in seconds:
         folder = row_folder(root, name)
         model = VQModel.from_pretrained(folder).eval()
-        recon = ev.reconstruction_metrics(model, args.dataset, classifier, max_items=args.eval_items)
+        recon = reconstruction_metrics(model, args.dataset, classifier, max_items=args.eval_items)
         log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         health = gan_health(log) or {}
         rows.append({"row": name, **health, "psnr": recon["psnr"], "fd_classifier": recon["fd_classifier"],

@@ -13,10 +13,14 @@ import torch
 from PIL import Image
 
 from stage1_tokenizer.data import load_split, text_dataset
+from stage1_tokenizer.evaluation import reconstruction_metrics
 from stage1_tokenizer.modeling_text import bytes_to_strings
 from stage1_tokenizer.threads import set_torch_threads
 
-from . import evaluation as ev
+from .classifier import load_images, load_or_train_classifier
+from .image_metrics import high_frequency_ratio, image_baseline_metrics, image_generation_metrics, radial_power_spectrum
+from .pretrained_metrics import optional_pretrained_metrics
+from .text_metrics import CharNgramModel, SentimentClassifier, text_generation_metrics, texts_and_labels
 from .pipeline import VQPipeline
 from .report import COLUMN_NAMES
 
@@ -167,10 +171,10 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, budget: dict, ou
     """Reconstruction + generation metrics and figures for image pipelines, with a real-data baseline."""
     first = next(iter(pipes.values()))
     config = first.tokenizer.config
-    classifier, classifier_info = ev.load_or_train_classifier(dataset, config.resolution, config.in_channels, seed)
+    classifier, classifier_info = load_or_train_classifier(dataset, config.resolution, config.in_channels, seed)
     count = budget["num_eval_samples"]
-    real_test, test_labels = ev.load_images(dataset, "eval", config.resolution, config.in_channels, max_items=count)
-    real_train, _ = ev.load_images(dataset, "train", config.resolution, config.in_channels, max_items=len(real_test))
+    real_test, test_labels = load_images(dataset, "eval", config.resolution, config.in_channels, max_items=count)
+    real_train, _ = load_images(dataset, "train", config.resolution, config.in_channels, max_items=len(real_test))
     count = len(real_test)
     conditional = first.layout.conditional
     requested = test_labels.tolist() if conditional else None  # same class histogram as the real rows
@@ -183,34 +187,34 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, budget: dict, ou
     real_grid = _per_class_images(real_test, test_labels, num_classes, per_class) if conditional else real_test[:64]
     _grid(real_grid, per_class if conditional else 8).save(figures / "samples_real.png")
     results["figures"]["samples"]["real"] = "figures/samples_real.png"
-    spectra = {"real test images": ev.radial_power_spectrum(real_test)}
+    spectra = {"real test images": radial_power_spectrum(real_test)}
     for variant, pipe in pipes.items():
         print(f"evaluating {variant}: reconstructions")
-        results["reconstruction"][variant] = ev.reconstruction_metrics(pipe.tokenizer, dataset, classifier)
+        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, dataset, classifier)
         with torch.no_grad():
             recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float().cpu()
                                    for i in range(0, count, 250)])
-        results["reconstruction"][variant]["high_frequency_ratio"] = ev.high_frequency_ratio(recon_all, real_test)
-        spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = ev.radial_power_spectrum(recon_all)
+        results["reconstruction"][variant]["high_frequency_ratio"] = high_frequency_ratio(recon_all, real_test)
+        spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = radial_power_spectrum(recon_all)
         originals, recon = real_test[:8], recon_all[:8]
         _grid(torch.cat([originals, recon]), 8).save(figures / f"reconstructions_{variant}.png")
         results["figures"]["reconstructions"][variant] = f"figures/reconstructions_{variant}.png"
         print(f"evaluating {variant}: {count} samples")
         fake = _generate_images(pipe, requested, count, budget["guidance_scale"], seed)
-        results["generation"][variant] = ev.image_generation_metrics(classifier, real_test, fake, requested)
-        results["generation"][variant]["high_frequency_ratio"] = ev.high_frequency_ratio(fake, real_test)
-        spectra[f"{COLUMN_NAMES[variant]} samples"] = ev.radial_power_spectrum(fake)
+        results["generation"][variant] = image_generation_metrics(classifier, real_test, fake, requested)
+        results["generation"][variant]["high_frequency_ratio"] = high_frequency_ratio(fake, real_test)
+        spectra[f"{COLUMN_NAMES[variant]} samples"] = radial_power_spectrum(fake)
         grid = _per_class_images(fake, torch.tensor(requested), num_classes, per_class) if conditional else fake[:64]
         _grid(grid, per_class if conditional else 8).save(figures / f"samples_{variant}.png")
         results["figures"]["samples"][variant] = f"figures/samples_{variant}.png"
-        extra, notes = ev.optional_pretrained_metrics(real_test, fake)
+        extra, notes = optional_pretrained_metrics(real_test, fake)
         results["generation"][variant].update(extra)
         results["notes"] += [n for n in notes if n not in results["notes"]]
     results["reconstruction"]["real"] = {"classifier_accuracy": classifier_info.get("test_accuracy"),
                                          "high_frequency_ratio": 1.0}
-    results["generation"]["real"] = ev.image_baseline_metrics(classifier, real_train, real_test,
-                                                              test_labels if conditional else None)
-    results["generation"]["real"]["high_frequency_ratio"] = ev.high_frequency_ratio(real_train, real_test)
+    results["generation"]["real"] = image_baseline_metrics(classifier, real_train, real_test,
+                                                           test_labels if conditional else None)
+    results["generation"]["real"]["high_frequency_ratio"] = high_frequency_ratio(real_train, real_test)
     _spectrum_figure(spectra).savefig(figures / "power_spectrum.png", format="png", dpi=100)
     results["figures"]["spectrum"] = "figures/power_spectrum.png"
     return results
@@ -243,27 +247,27 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, budget: dict, see
     first = next(iter(pipes.values()))
     count = budget["num_eval_samples"]
     train_split = load_split(dataset, "train", "text")
-    train_texts, train_labels = ev.texts_and_labels(train_split, None)
+    train_texts, train_labels = texts_and_labels(train_split, None)
     # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows).
     held_out = text_dataset(load_split(dataset, "eval", "text"), first.tokenizer.config.seq_len)
     count = min(count, len(held_out))
     real_texts = bytes_to_strings(held_out.windows[:count])
     real_labels = held_out.labels[:count].tolist() if held_out.has_labels else None
-    ngram = ev.CharNgramModel(order=5).fit(train_texts)
+    ngram = CharNgramModel(order=5).fit(train_texts)
     conditional = first.layout.conditional
     sentiment = None
     results = {"classifier": {}, "reconstruction": {}, "generation": {}, "text_samples": {}, "notes": []}
     if conditional:
-        sentiment = ev.SentimentClassifier(seed=seed).fit(train_texts, train_labels)
+        sentiment = SentimentClassifier(seed=seed).fit(train_texts, train_labels)
         results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
     requested = list(real_labels) if conditional else None
     for variant, pipe in pipes.items():
-        results["reconstruction"][variant] = ev.reconstruction_metrics(pipe.tokenizer, dataset)
+        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, dataset)
         out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
                             guidance_scale=budget["guidance_scale"] if conditional else 1.0, seed=seed, batch_size=250)
-        results["generation"][variant] = ev.text_generation_metrics(out.texts, train_texts, ngram, sentiment, requested)
+        results["generation"][variant] = text_generation_metrics(out.texts, train_texts, ngram, sentiment, requested)
         results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
-    results["generation"]["real"] = ev.text_baseline_metrics(real_texts, train_texts, ngram, sentiment, requested)
+    results["generation"]["real"] = text_generation_metrics(real_texts, train_texts, ngram, sentiment, requested)
     results["text_samples"]["real"] = _texts_by_class(real_texts, requested, first.class_names)
     return results
 
