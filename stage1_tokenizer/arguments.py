@@ -115,12 +115,12 @@ class TokenizerTrainingArguments:
         return with_defaults(self, TOKENIZER_PRESETS[self.preset]["train"])
 
 
-def parse_arguments(cls, argv: list[str] | None = None, description: str | None = None):
+def parse_arguments(cls, argv: list[str] | None = None, description: str | None = None, prog: str | None = None):
     """Parse `argv` (or a single `.json` file of fields) into a `cls` instance; bad values exit 2 with one line."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(cls, description=description)
+    parser = HfArgumentParser(cls, description=description or cls.__doc__, prog=prog)
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             (arguments,) = parser.parse_json_file(argv[0])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -14,16 +12,28 @@ from accelerate.utils import set_seed
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from .configuration import GAN_RECIPES, TOKENIZER_PRESETS, VARIANTS, VQConfig
-from .data import BUILTIN_DATASETS, DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
+from .arguments import TokenizerTrainingArguments, parse_arguments, save_arguments
+from .configuration import GAN_RECIPES, VQConfig
+from .data import DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
 from .evaluation import reconstruction_metrics
 from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
-    MetricsLogger, NonFiniteGuard, check_compile_available, check_run_identity, mixed_precision_mode, reduce_logs,
+    MetricsLogger,
+    NonFiniteGuard,
+    check_compile_available,
+    catch_interrupts,
+    check_run_identity,
+    claim_output_dir,
+    mixed_precision_mode,
+    reduce_logs,
     release_freed_memory,
-    resume_checkpoint, run_cli, save_checkpoint, save_pretrained_atomic, tune_allocator,
+    resume_checkpoint,
+    run_cli,
+    save_checkpoint,
+    save_pretrained_atomic,
+    tune_allocator,
 )
 
 
@@ -162,12 +172,14 @@ def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, ba
     return logs
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: TokenizerTrainingArguments) -> None:
+    args = args.resolved()
     tune_allocator()
     set_torch_threads(args.threads)
     accelerator = Accelerator(mixed_precision=mixed_precision_mode(args.mixed_precision), cpu=args.cpu)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
+    claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
     train_split = load_split(args.dataset, "train", args.modality)
     in_channels = infer_channels(train_split, args.skip_corrupt) if args.modality == "image" else None
     config = build_config(args, in_channels, train_split.class_names)
@@ -175,12 +187,8 @@ def main(args: argparse.Namespace) -> None:
     skipped = {"train": getattr(train_set, "num_skipped", 0), "eval": getattr(eval_set, "num_skipped", 0)}
     if any(skipped.values()):
         accelerator.print(f"warning: --skip-corrupt skipped undecodable records: {skipped}")
-    defaults = TOKENIZER_PRESETS[args.preset]["train"]
-    batch_size = args.batch_size or defaults["batch_size"]
-    learning_rate = args.learning_rate or defaults["learning_rate"]
-
     model, objective, wrapped_disc, (ae_opt, disc_opt) = build_models(
-        accelerator, config, learning_rate, args.disc_learning_rate or defaults["disc_learning_rate"], args.compile)
+        accelerator, config, args.learning_rate, args.disc_learning_rate, args.compile)
 
     step = 0
     checkpoint_dir = output_dir / "checkpoints"
@@ -195,8 +203,10 @@ def main(args: argparse.Namespace) -> None:
     elif accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         logger.path.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        save_arguments(args, output_dir)
 
-    sampler = StepBatchSampler(len(train_set), batch_size, args.seed, step,
+    sampler = StepBatchSampler(len(train_set), args.batch_size, args.seed, step,
                                accelerator.process_index, accelerator.num_processes)
     # Its own generator: iter(loader) draws a worker seed, which must not shift the global RNG that a
     # resumed run restores (dead-code restarts draw from it).
@@ -205,14 +215,13 @@ def main(args: argparse.Namespace) -> None:
                                          generator=torch.Generator().manual_seed(args.seed))
     fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
-    log_every = args.log_every or defaults["log_every"]
-    checkpoint_every = args.checkpoint_every or defaults["checkpoint_every"]
-    sample_every = args.sample_every or defaults["sample_every"]
+    log_every, checkpoint_every, sample_every = args.log_every, args.checkpoint_every, args.sample_every
     unwrapped = accelerator.unwrap_model(model)
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc=f"{config.variant} tokenizer", dynamic_ncols=True)
     tick, data_iter = time.time(), iter(loader)
+    interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
         if args.hflip and config.modality == "image":
@@ -234,6 +243,7 @@ def main(args: argparse.Namespace) -> None:
             save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
         if step % checkpoint_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
+        interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
@@ -249,57 +259,9 @@ def main(args: argparse.Namespace) -> None:
     accelerator.end_training()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--dataset", default="digits", help=f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}")
-    parser.add_argument("--modality", choices=("image", "text"), default="image")
-    parser.add_argument("--variant", choices=VARIANTS, default="vqgan")
-    parser.add_argument("--preset", choices=sorted(TOKENIZER_PRESETS), default="tiny")
-    parser.add_argument("--config", help="VQConfig fields over the preset's: a JSON object or a JSON file "
-                                         "(e.g. a trained tokenizer's config.json)")
-    parser.add_argument("--max-steps", type=int, required=True)
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
-    parser.add_argument("--learning-rate", type=float)
-    parser.add_argument("--disc-learning-rate", type=float)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="the autoencoder's gradient-norm clip")
-    parser.add_argument("--disc-grad-clip", type=float, default=0.0,
-                        help="the discriminator's gradient-norm clip (0: none; its norms run at 10-200, and a clip "
-                             "at 1 slowed it enough that it never separated real from reconstructed images)")
-    parser.add_argument("--perceptual", dest="perceptual_backend", choices=("lpips", "random-vgg", "none"))
-    parser.add_argument("--disc-start", type=int)
-    parser.add_argument("--gan-recipe", choices=sorted(GAN_RECIPES),
-                        help="a named set of discriminator fields (default: the config's own, i.e. 'vqgen'; "
-                             "'taming' reproduces taming-transformers)")
-    parser.add_argument("--ema-decay", type=float, help="use an EMA codebook with this decay (e.g. 0.99)")
-    parser.add_argument("--codebook-size", type=int)
-    parser.add_argument("--resolution", type=int)
-    parser.add_argument("--hflip", action="store_true", help="random horizontal flips (off by default)")
-    parser.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable records")
-    parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: OMP_NUM_THREADS, else one per "
-                                                    "usable core; see README, Threads)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the encoder and decoder (minutes of compilation; see benchmarks/README.md)")
-    parser.add_argument("--log-every", type=int)
-    parser.add_argument("--sample-every", type=int)
-    parser.add_argument("--checkpoint-every", type=int)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
-    parser.add_argument("--max-eval-items", type=int, help="evaluate on at most this many test records (default: all)")
-    args = parser.parse_args(argv)
-    if args.disc_grad_clip < 0:
-        parser.error(f"--disc-grad-clip must be >= 0 (0: no clipping), got {args.disc_grad_clip}")
-    for name in ("max_steps", "threads", "batch_size", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
-                 "max_eval_items"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    return args
+def parse_args(argv: list[str] | None = None) -> TokenizerTrainingArguments:
+    """Command-line flags, or one JSON file of fields, as TokenizerTrainingArguments."""
+    return parse_arguments(TokenizerTrainingArguments, argv, description=__doc__)
 
 
 def cli(argv: list[str] | None = None) -> None:
