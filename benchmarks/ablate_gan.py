@@ -22,7 +22,7 @@ from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, print_tabl
 import torch  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
-from pipelines.compare import gan_health  # noqa: E402
+from pipelines.verdict import gan_health  # noqa: E402
 from stage1_tokenizer.configuration import GAN_RECIPES  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402

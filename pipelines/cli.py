@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from stage1_tokenizer.data import BUILTIN_DATASETS, DataError
+from stage1_tokenizer.data import DataError
 
 
 def _positive_int(text: str) -> int:
@@ -31,7 +31,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .compare import evaluate_pipeline_folder
+    from .evaluate import evaluate_pipeline_folder
 
     metrics = evaluate_pipeline_folder(Path(args.pipeline), dataset=args.dataset, num_samples=args.num_samples,
                                        seed=args.seed, guidance_scale=args.guidance_scale)
@@ -58,37 +58,24 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from stage1_tokenizer.arguments import parse_arguments
+
+    from .budgets import CompareArguments
     from .compare import run_compare
 
-    run_compare(dataset=args.dataset, modality=args.modality, budget=args.budget, output_dir=Path(args.output_dir),
-                seed=args.seed, class_conditional=args.class_conditional, force=args.force,
-                perceptual_backend=args.perceptual, threads=args.threads)
+    run_compare(parse_arguments(CompareArguments, args.arguments, prog="vqgen compare"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree for all subcommands."""
-    from .compare import BUDGETS
-
     parser = argparse.ArgumentParser(prog="vqgen", description="Two-stage VQ-VAE / VQGAN + GPT-prior toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    compare = sub.add_parser("compare", help="train VQ-VAE and VQGAN under one budget and write a comparison report")
-    compare.add_argument("--dataset", help=f"Hub name, local folder, or built-in {BUILTIN_DATASETS} "
-                                           "(default: digits for images, python-docs for text)")
-    compare.add_argument("--modality", choices=("image", "text"), default="image")
-    compare.add_argument("--budget", choices=sorted(BUDGETS), default="quick")
-    cond = compare.add_mutually_exclusive_group()
-    cond.add_argument("--class-conditional", dest="class_conditional", action="store_true", default=None,
-                      help="class-conditional priors (default when the data set has labels)")
-    cond.add_argument("--unconditional", dest="class_conditional", action="store_false")
-    compare.add_argument("--output-dir", default="runs/compare")
-    compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--perceptual", choices=("lpips", "random-vgg", "none"), default="random-vgg",
-                         help="VQGAN perceptual loss backend (lpips needs downloadable VGG16 weights)")
-    compare.add_argument("--force", action="store_true", help="retrain runs already present in --output-dir")
-    compare.add_argument("--threads", type=_positive_int,
-                         help="CPU threads for torch, here and in the training processes (default: OMP_NUM_THREADS, "
-                              "else one per usable core)")
+    # Its flags are CompareArguments' fields, parsed by HfArgumentParser (`vqgen compare --help` lists them).
+    compare = sub.add_parser("compare", add_help=False, prefix_chars="\0",
+                             help="train VQ-VAE and VQGAN under one budget and write a comparison report "
+                                  "(`vqgen compare --help` for its options)")
+    compare.add_argument("arguments", nargs=argparse.REMAINDER)
     compare.set_defaults(func=_compare)
 
     sample = sub.add_parser("sample", help="sample from a pipeline folder or Hub repo")

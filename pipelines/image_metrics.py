@@ -57,6 +57,12 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk: int = 2048) -> t
     return float(precision), float(recall)
 
 
+def inside_real_manifold(real_feats, fake_feats, k: int = 3, chunk: int = 2048) -> torch.Tensor:
+    """Per fake sample, whether it lies in the real k-NN manifold: precision's per-sample form (its mean)."""
+    real, fake = _as_float64(real_feats), _as_float64(fake_feats)
+    return _inside_manifold(fake, real, _kth_neighbour_radii(real, k, chunk), chunk)
+
+
 def class_histogram_kl(pred_labels_fake, reference, num_classes: int, smoothing: float = 1.0) -> float:
     """KL(reference || fake) between class histograms, each count smoothed by `smoothing` (add-alpha).
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from pipelines import classifier, compare
+from pipelines import budgets, classifier
+from pipelines.budgets import Budget, CompareArguments, budget_for
 from pipelines.cli import main
 from pipelines.pipeline import VQPipeline
 
@@ -15,25 +16,37 @@ GENERATION = ("fd_classifier", "kid_mean", "inception_score", "precision", "reca
 RECONSTRUCTION = ("mse", "psnr", "ssim", "fd_classifier", "classifier_accuracy", "codebook_usage", "perplexity")
 
 
+# The quick budget cut to a few steps with command-line overrides (text's quick budget uses the `small` tokenizer).
+FEW_STEPS = ["--tokenizer-preset", "tiny", "--tokenizer-steps", "3", "--tokenizer-batch", "8", "--disc-start", "1",
+             "--prior-steps", "3", "--prior-batch", "8", "--num-eval-samples", "40"]
+
+
 @pytest.fixture
 def few_step_budget(tmp_path, monkeypatch, offline_env):
-    """A 'test' budget of a few steps, and caches inside tmp_path (the children inherit VQGEN_CACHE)."""
+    """Caches inside tmp_path (the children inherit VQGEN_CACHE); the output folder of a few-step compare."""
     monkeypatch.setenv("VQGEN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(classifier, "DEFAULT_CACHE_DIR", tmp_path / "cache" / "classifiers")
-    monkeypatch.setitem(compare.BUDGETS, "test", dict(
-        tokenizer_preset="tiny", tokenizer_steps=3, tokenizer_batch=8, disc_start=1, prior_preset="tiny",
-        prior_steps=3, prior_batch=8, num_eval_samples=40, guidance_scale=2.0))
     return tmp_path / "compare"
 
 
 def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_budget, capsys):
     out = few_step_budget
-    main(["compare", "--budget", "test", "--output-dir", str(out)])
+    main(["compare", "--budget", "quick", *FEW_STEPS, "--output-dir", str(out)])
     first_run = capsys.readouterr().out
     assert "reusing" not in first_run
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["dataset"] == "digits" and metrics["settings"]["class_conditional"] is True
+    assert metrics["settings"]["tokenizer_steps"] == 3 and metrics["settings"]["overrides"]["prior_steps"] == 3
+    assert metrics["settings"]["seeds"] == [0] and metrics["verdict"]["seed_variation_measured"] is False
+    assert "seed-to-seed variation was not measured" in metrics["verdict"]["summary"]
+    for variant in ("vqvae", "vqgan"):  # bootstrap intervals around the sample metrics that have one
+        for key in ("fd_classifier", "kid_mean", "precision", "class_accuracy"):
+            low, high = metrics["intervals"]["generation"][variant][key]
+            assert low <= high, key
+        for key in ("fd_classifier", "precision", "class_accuracy"):  # (KID's subsets differ from the bootstrap's)
+            low, high = metrics["intervals"]["generation"][variant][key]
+            assert low <= metrics["generation"][variant][key] <= high, key
     for variant in ("vqvae", "vqgan"):
         for key in GENERATION:
             assert isinstance(metrics["generation"][variant][key], float), (variant, key)
@@ -56,20 +69,48 @@ def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_b
 
     weights = out / "tokenizers" / "vqgan" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
-    main(["compare", "--budget", "test", "--output-dir", str(out)])
+    main(["compare", "--budget", "quick", *FEW_STEPS, "--output-dir", str(out)])
     second_run = capsys.readouterr().out
     assert "reusing the vqvae tokenizer" in second_run and "reusing the vqgan prior" in second_run
     assert weights.stat().st_mtime_ns == stamp
 
 
-def test_budget_settings_apply_the_modality_changes(monkeypatch):
-    monkeypatch.setitem(compare.BUDGETS, "b", dict(tokenizer_steps=10, tokenizer_batch=8, num_eval_samples=5))
-    monkeypatch.setitem(compare.MODALITY_BUDGETS, "text", {"b": dict(tokenizer_steps=30)})
-    assert compare.budget_settings("b", "image") == dict(tokenizer_steps=10, tokenizer_batch=8, num_eval_samples=5)
-    assert compare.budget_settings("b", "text") == dict(tokenizer_steps=30, tokenizer_batch=8, num_eval_samples=5)
-    assert compare.BUDGETS["b"]["tokenizer_steps"] == 10  # the shared table is not changed in place
+def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
+    assert budget_for("quick", "text").tokenizer_preset == "small"  # text's change to the quick budget
+    assert budget_for("quick", "image").tokenizer_preset == "tiny"
+    assert budget_for("quick", "text", {"tokenizer_steps": 7}).tokenizer_steps == 7
+    assert budgets.BUDGETS["quick"].tokenizer_steps == 500  # the shared table is not changed
     with pytest.raises(ValueError, match="budget 'huge' is unknown"):
-        compare.budget_settings("huge", "image")
+        budget_for("huge", "image")
+    budget_file = tmp_path / "budget.json"
+    budget_file.write_text(json.dumps({"prior_steps": 11, "guidance_scale": 3.0}))
+    arguments = CompareArguments(budget_file=str(budget_file), prior_steps=12)
+    assert arguments.resolved_budget().prior_steps == 12  # the command line wins over the file
+    assert arguments.resolved_budget().guidance_scale == 3.0
+    assert isinstance(arguments.resolved_budget(), Budget)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokenizer-steps", "0"], "--tokenizer-steps must be >= 1, got 0"),
+    (["--num-eval-samples", "-5"], "--num-eval-samples must be >= 1, got -5"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number > 0.0, got nan"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--budget", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_budget_overrides_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["compare", "--output-dir", str(tmp_path / "never"), *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_budget_file_with_an_unknown_field_is_named(tmp_path, capsys):
+    budget_file = tmp_path / "budget.json"
+    budget_file.write_text(json.dumps({"prior_stpes": 11}))
+    with pytest.raises(SystemExit):
+        main(["compare", "--budget-file", str(budget_file)])
+    assert "unknown fields ['prior_stpes']" in capsys.readouterr().err
 
 
 TEXT_GENERATION = ("distinct_1", "distinct_2", "distinct_3", "self_bleu4", "length_mean", "ngram_perplexity",
@@ -96,7 +137,8 @@ def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_bu
     (tmp_path / "reviews").mkdir()
     data = _write_review_data(tmp_path / "reviews")
     out = few_step_budget
-    main(["compare", "--modality", "text", "--dataset", str(data), "--budget", "test", "--output-dir", str(out)])
+    main(["compare", "--modality", "text", "--dataset", str(data), "--budget", "quick", *FEW_STEPS,
+          "--output-dir", str(out)])
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["modality"] == "text" and metrics["settings"]["class_conditional"] is True

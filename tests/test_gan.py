@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from pipelines.compare import gan_health
+from pipelines.verdict import gan_health
 from stage1_tokenizer.configuration import GAN_RECIPES, VQConfig
 from stage1_tokenizer.discriminator import PatchDiscriminator
 from stage1_tokenizer.losses import TokenizerObjective, lecam_penalty

@@ -16,7 +16,9 @@ from urllib.parse import unquote
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.report import METRICS, better_variant, format_value, summarize, write_report
+from pipelines.report import format_value, write_report
+from pipelines.result import CompareResult
+from pipelines.verdict import METRICS, gan_health, verdict
 
 # VQGAN leads on fd_classifier, kid_mean, recall, class_hist_kl, class_accuracy, fid; VQ-VAE on precision;
 # inception_score ties; kid_std has no direction; KID has the largest relative gap (0.05 vs 0.01 = 80%).
@@ -30,10 +32,10 @@ IMAGE_GENERATION = {
 }
 IMAGE_RECONSTRUCTION = {
     "vqvae": dict(mse=0.01, psnr=26.0, ssim=0.90, fd_classifier=5.0, classifier_accuracy=0.95,
-                  classifier_accuracy_real=0.99, codebook_usage=60.0, perplexity=200.0, lpips_vgg=0.10, num_items=500,
-                  high_frequency_ratio=0.9),
+                  codebook_usage=60.0, perplexity=200.0, lpips_vgg=0.10, num_items=500, high_frequency_ratio=0.9),
     "vqgan": dict(mse=0.02, psnr=24.0, ssim=0.85, fd_classifier=3.0, classifier_accuracy=0.97,
-                  classifier_accuracy_real=0.99, codebook_usage=90.0, perplexity=350.0, lpips_vgg=0.05, num_items=500),
+                  codebook_usage=90.0, perplexity=350.0, lpips_vgg=0.05, num_items=500),
+    "real": dict(classifier_accuracy=0.99, high_frequency_ratio=1.0),
 }
 TEXT_GENERATION = {  # distinct_1: VQ-VAE is higher but VQGAN is closer to real, so VQGAN is better
     "vqvae": dict(distinct_1=0.90, distinct_2=0.95, distinct_3=0.97, self_bleu4=0.05, length_mean=40.0, length_std=5.0,
@@ -89,7 +91,7 @@ def _logs(root: Path, steps: int = 400, every: int = 5) -> None:
 
 def image_metrics() -> dict:
     return {
-        "settings": dict(dataset="digits", modality="image", budget="quick", seed=0, class_conditional=True,
+        "settings": dict(dataset="digits", modality="image", budget="quick", seeds=[0], class_conditional=True,
                          tokenizer_preset="tiny", prior_preset="tiny", tokenizer_steps=400, prior_steps=400,
                          num_eval_samples=360, guidance_scale=2.0, perceptual_backend="random-vgg",
                          elapsed_seconds=754.2, library_versions={"torch": "2.5.1", "vqgen": "0.1.0"},
@@ -102,8 +104,6 @@ def image_metrics() -> dict:
         "figures": {
             "samples": {"vqvae": "figures/samples_vqvae.png", "vqgan": "figures/samples_vqgan.png",
                         "real": "figures/samples_real.png"},  # real is never written: it must become a note
-            "samples_per_class": {name: {c: f"figures/{name}_{c}.png" for c in ("vqvae", "vqgan", "real")}
-                                  for name in ("zero", "one")},
             "reconstructions": {"vqvae": "figures/reconstructions_vqvae.png",
                                 "vqgan": "figures/reconstructions_vqgan.png"},
         },
@@ -113,7 +113,7 @@ def image_metrics() -> dict:
 
 def text_metrics() -> dict:
     return {
-        "settings": dict(dataset="sst2", modality="text", budget="quick", seed=0, class_conditional=True),
+        "settings": dict(dataset="sst2", modality="text", budget="quick", seeds=[0], class_conditional=True),
         "classifier": dict(sentiment_test_accuracy=0.81),
         "reconstruction": {"vqvae": dict(byte_accuracy=0.97, exact_match=0.40, codebook_usage=75.0, perplexity=180.0),
                            "vqgan": dict(byte_accuracy=0.95, exact_match=0.30, codebook_usage=80.0, perplexity=190.0)},
@@ -131,6 +131,19 @@ def _swap(metrics: dict) -> dict:
     return swapped
 
 
+def as_result(metrics: dict, width: float = 0.02) -> CompareResult:
+    """A CompareResult of synthetic metrics with intervals of +-`width` (relative) around every variant value."""
+    intervals = {group: {v: {k: [x * (1 - width), x * (1 + width)] for k, x in metrics[group][v].items()}
+                         for v in ("vqvae", "vqgan") if v in metrics.get(group, {})}
+                 for group in ("generation", "reconstruction") if group in metrics}
+    result = CompareResult(**{k: copy.deepcopy(v) for k, v in metrics.items()}, intervals=intervals)
+    result.verdict = verdict({g: result.generation if g == "generation" else result.reconstruction
+                              for g in ("generation", "reconstruction")}, intervals,
+                             metrics["settings"].get("seeds", [0]), metrics["settings"].get("num_eval_samples"),
+                             metrics.get("gan_health"))
+    return result
+
+
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_run")
@@ -139,11 +152,9 @@ def image_run(tmp_path_factory):
     for index, (variant, path) in enumerate(metrics["figures"]["samples"].items()):
         if variant != "real":
             _grid(root / path, index)
-    for index, paths in enumerate([*metrics["figures"]["samples_per_class"].values(),
-                                   metrics["figures"]["reconstructions"]]):
-        for variant, path in paths.items():
-            _grid(root / path, 10 + index, tiles=2)
-    html_path, md_path = write_report(root, metrics)
+    for variant, path in metrics["figures"]["reconstructions"].items():
+        _grid(root / path, 10, tiles=2)
+    html_path, md_path = write_report(root, as_result(metrics))
     return root, metrics, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
 
 
@@ -151,7 +162,7 @@ def image_run(tmp_path_factory):
 def text_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("text_run")
     metrics = text_metrics()
-    html_path, md_path = write_report(root, metrics)
+    html_path, md_path = write_report(root, as_result(metrics))
     return root, metrics, html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
 
 
@@ -171,7 +182,7 @@ def _tags(page: str, name: str) -> list[dict]:
 
 
 def _marked(page: str, table: str, key: str) -> set[str]:
-    row = re.search(rf'<tr data-table="{table}" data-metric="{key}">(.*?)</tr>', page)
+    row = re.search(rf'<tr data-table="{table}" data-metric="{key}"[^>]*>(.*?)</tr>', page)
     assert row, f"no row for {table}/{key}"
     return set(re.findall(r'<td class="num better" data-variant="(\w+)">', row.group(1)))
 
@@ -192,8 +203,8 @@ def test_html_is_self_contained(run, request):
         with Image.open(io.BytesIO(base64.b64decode(attrs["src"].split(",", 1)[1]))) as image:
             assert image.format == "PNG"
             image.verify()
-    if run == "image_run":  # 2 sample grids (real is missing), 2 classes x 3, 2 reconstructions, 4 curve plots
-        assert len(images) == 2 + 6 + 2 + 4  # curves: tokenizer loss, codebook, GAN health, prior
+    if run == "image_run":  # 2 sample grids (real is missing), 2 reconstructions, 4 curve plots
+        assert len(images) == 2 + 2 + 4  # curves: tokenizer loss, codebook, GAN health, prior
     else:
         assert images == []  # no figures and no logs: nothing to draw
 
@@ -202,7 +213,7 @@ def test_markdown_links_existing_pngs(image_run):
     root, _, _, markdown = image_run
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert "figures/curves_tokenizer_loss.png" in links and "figures/curves_prior.png" in links
-    assert len(links) == 2 + 6 + 2 + 4
+    assert len(links) == 2 + 2 + 4
     for link in links:
         assert not link.startswith(("/", "http")) and (root / unquote(link)).is_file()
 
@@ -211,11 +222,11 @@ def test_markdown_links_existing_pngs(image_run):
 def test_every_metric_is_shown_with_its_description(run, request):
     _, metrics, page, markdown = request.getfixturevalue(run)
     for group in ("reconstruction", "generation", "prior", "training"):
-        keys = {k for column in metrics.get(group, {}).values() for k in column} - {"classifier_accuracy_real"}
+        keys = {k for column in metrics.get(group, {}).values() for k in column}
         for key in keys:
             assert f'data-table="{group}" data-metric="{key}"' in page
             if key in METRICS:
-                assert html.escape(METRICS[key].description) in page
+                assert METRICS[key].description in html.unescape(page)
                 assert f"(`{key}`)" in markdown and METRICS[key].description in markdown
             else:
                 assert f"`{key}`" in markdown
@@ -227,49 +238,31 @@ def test_synthetic_runs_cover_every_metric():
     assert set(METRICS) <= shown
 
 
-def test_better_value_is_marked(image_run, text_run):
+def test_a_clear_winner_is_marked_and_the_rest_is_not(image_run, text_run):
     _, _, page, markdown = image_run
-    assert _marked(page, "generation", "fd_classifier") == {"vqgan"}  # lower is better
+    assert _marked(page, "generation", "fd_classifier") == {"vqgan"}  # lower is better, intervals apart
     assert _marked(page, "generation", "precision") == {"vqvae"}  # higher is better
-    assert _marked(page, "generation", "inception_score") == set()  # tie
+    assert _marked(page, "generation", "inception_score") == set()  # equal: the intervals overlap
+    assert 'data-metric="inception_score" data-outcome="unclear"' in page
     assert _marked(page, "generation", "kid_std") == set()  # no direction
     assert _marked(page, "generation", "my_custom_score") == set()  # unknown key
     assert _marked(page, "reconstruction", "mse") == {"vqvae"}
     assert _marked(page, "prior", "val_bits_per_code") == set()
-    assert re.search(r"\| FD-classifier \(`fd_classifier`\) \| 40 \| \*\*12\*\* ▲ \| 1\.5 \|", markdown)
-    assert re.search(r"\| Classifier IS \(`inception_score`\) \| 5 \| 5 \| 8\.9 \|", markdown)
-    # classifier_accuracy_real moves into the real column instead of being its own row
-    assert 'data-metric="classifier_accuracy_real"' not in page
-    assert re.search(r'data-metric="classifier_accuracy">.*?data-variant="real">99%</td>', page)
+    assert re.search(r"\| FD-classifier \(`fd_classifier`\) \| 40 \[39\.2, 40\.8\] \| \*\*12\*\* ▲ \[11\.8, 12\.2\] \| 1\.5 \|",
+                     markdown)
+    assert re.search(r'data-metric="classifier_accuracy"[^>]*>.*?data-variant="real">99%</td>', page)
     _, _, text_page, _ = text_run
     assert _marked(text_page, "generation", "distinct_1") == {"vqgan"}  # closer to real, although lower
-    assert _marked(text_page, "generation", "length_max") == set()  # tie
-    assert _marked(text_page, "generation", "length_min") == set()  # shown, not scored (VQGAN's 3 is nearer 2)
+    assert _marked(text_page, "generation", "length_max") == set()  # equal
+    assert _marked(text_page, "generation", "length_min") == set()  # shown, not scored
     assert _marked(text_page, "generation", "length_mean") == {"vqgan"}
 
 
-@pytest.mark.parametrize(
-    "key, values, expected",
-    [
-        ("fd_classifier", {"vqvae": 2.0, "vqgan": 3.0}, "vqvae"),
-        ("recall", {"vqvae": 0.2, "vqgan": 0.3}, "vqgan"),
-        ("length_mean", {"vqvae": 10.0, "vqgan": 30.0, "real": 25.0}, "vqgan"),
-        ("length_mean", {"vqvae": 20.0, "vqgan": 30.0, "real": 25.0}, "tie"),
-        ("length_mean", {"vqvae": 10.0, "vqgan": 30.0}, None),  # no real baseline to be close to
-        ("recall", {"vqvae": 0.30001, "vqgan": 0.3}, "tie"),  # equal at 4 significant digits
-        ("fd_classifier", {"vqvae": 10.0, "vqgan": 10.09}, "tie"),  # under 1% apart
-        ("fd_classifier", {"vqvae": 10.0, "vqgan": 10.2}, "vqvae"),  # 2% apart
-        # distances to real 0.1415 and 0.1392: a lead of 0.0023, under 1% of the values
-        ("distinct_1", {"vqvae": 0.4999, "vqgan": 0.4976, "real": 0.3584}, "tie"),
-        ("ngram_perplexity", {"vqvae": 11.29, "vqgan": 11.81, "real": 5.47}, "vqvae"),
-        ("recall", {"vqvae": 0.3, "vqgan": None}, None),
-        ("recall", {"vqvae": 0.3, "vqgan": math.nan}, None),
-        ("kid_std", {"vqvae": 0.3, "vqgan": 0.1}, None),
-        ("unknown_metric", {"vqvae": 0.3, "vqgan": 0.1}, None),
-    ],
-)
-def test_better_variant(key, values, expected):
-    assert better_variant(key, values) == expected
+def test_spread_over_seeds_is_shown_beside_the_mean(tmp_path):
+    result = as_result(image_metrics())
+    result.spread = {"generation": {"vqvae": {"fd_classifier": 1.25}}}
+    _, md_path = write_report(tmp_path, result)
+    assert re.search(r"\| FD-classifier \(`fd_classifier`\) \| 40 ± 1\.2 \[39\.2, 40\.8\] \|", md_path.read_text())
 
 
 @pytest.mark.parametrize(
@@ -285,7 +278,7 @@ def test_format_value(value, unit, expected):
 def test_text_samples_are_escaped(text_run):
     _, _, page, markdown = text_run
     assert "<script>alert" not in page
-    assert html.escape(SCRIPT) in page
+    assert html.escape(SCRIPT, quote=False) in page or "&lt;script&gt;alert(&#39;x&#39;)" in page
     assert "Class: positive" in page and "a real review" in page  # per-class dicts and a plain list both shown
     assert SCRIPT in markdown and "a mess ⏎ of a film" in markdown
 
@@ -299,45 +292,44 @@ def test_missing_figure_is_a_note_not_a_broken_image(image_run):
     assert "LPIPS/FID not computed" in page
 
 
-def test_summary_names_the_winner_in_both_directions(image_run):
+def test_summary_names_clear_winners_in_both_directions(image_run):
     _, metrics, page, markdown = image_run
-    assert "<strong>VQGAN</strong> gave the better samples" in _summary(page)
-    assert "**VQGAN** gave the better samples: it leads on 6 of 8" in markdown
-    assert "largest relative difference is in KID" in _summary(page)
-    swapped = summarize(_swap(metrics))
-    assert "**VQ-VAE** gave the better samples: it leads on 6 of 8" in swapped
-    assert "VQGAN on 1 (Precision)" in swapped
+    assert "<strong>VQGAN</strong> is clearly better on FD-classifier, KID" in _summary(page)
+    assert "**VQ-VAE** is clearly better on Precision" in markdown
+    assert "no clear difference on Classifier IS" in markdown
+    assert "seed-to-seed variation was not measured" in markdown
+    assert "real images against real images at the same N score 1.5" in markdown
+    swapped = as_result(_swap(metrics)).verdict["summary"]
+    assert "**VQ-VAE** is clearly better on FD-classifier, KID" in swapped and "**VQGAN** is clearly better on Precision" in swapped
 
 
-def test_summary_says_narrowly_when_most_metrics_tie():
-    close = {"generation": {"vqvae": {"recall": 0.500, "precision": 0.900, "class_accuracy": 0.70},
-                            "vqgan": {"recall": 0.501, "precision": 0.901, "class_accuracy": 0.60}}}
-    text = summarize(close)
-    assert "**VQ-VAE** is narrowly ahead: it leads on 1 of 3" in text
-    assert "with 2 tied within 1% (Precision, Recall)" in text
+def test_overlapping_intervals_name_no_winner():
+    metrics = image_metrics()
+    wide = as_result(metrics, width=0.9)  # every interval +-90%: they all overlap
+    summary = wide.verdict["summary"]
+    assert "is clearly better" not in summary and "On samples: no clear winner; no clear difference on" in summary
+    assert all(e["outcome"] == "unclear" and e["winner"] is None
+               for group in wide.verdict["metrics"].values() for e in group)
 
 
-def test_summary_without_a_verdict(tmp_path):
-    tied = {"generation": {"vqvae": {"recall": 0.5, "precision": 0.9}, "vqgan": {"recall": 0.6, "precision": 0.8}}}
-    assert "neither tokenizer is ahead" in summarize(tied)
-    html_path, md_path = write_report(tmp_path, {})
-    page = html_path.read_text(encoding="utf-8")
-    assert "cannot say which gave better samples" in page and _tags(page, "img") == []
+def test_without_intervals_nothing_is_called_clear(tmp_path):
+    metrics = image_metrics()
+    result = CompareResult(**copy.deepcopy(metrics))
+    result.verdict = verdict({"generation": result.generation}, {}, [0], 360)
+    assert "no interval for" in result.verdict["summary"] and "clearly" not in result.verdict["summary"]
+    html_path, md_path = write_report(tmp_path, result)
     assert "No training logs were found" in md_path.read_text(encoding="utf-8")
+    assert _marked(html_path.read_text(encoding="utf-8"), "generation", "fd_classifier") == set()
 
 
 def test_bad_input_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="output_dir="):
-        write_report(tmp_path / "absent", {})
-    with pytest.raises(TypeError, match="metrics must be a dict"):
-        write_report(tmp_path, [])
-    with pytest.raises(TypeError, match=r"metrics\['generation'\] must be a dict"):
-        write_report(tmp_path, {"generation": [1, 2]})
+        write_report(tmp_path / "absent", CompareResult(settings={}))
+    with pytest.raises(TypeError, match="result must be a CompareResult"):
+        write_report(tmp_path, {"generation": {}})
 
 
 def test_gan_health_panel_and_summary(tmp_path):
-    from pipelines.compare import gan_health
-
     _logs(tmp_path)
     log = tmp_path / "tokenizers" / "vqgan" / "metrics.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()[:-1]]
@@ -347,7 +339,7 @@ def test_gan_health_panel_and_summary(tmp_path):
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     metrics = image_metrics()
     metrics["gan_health"] = gan_health(rows)
-    html_path, md_path = write_report(tmp_path, metrics)
+    html_path, md_path = write_report(tmp_path, as_result(metrics))
     html_text, markdown = html_path.read_text(encoding="utf-8"), md_path.read_text(encoding="utf-8")
     assert (tmp_path / "figures" / "curves_gan_health.png").stat().st_size > 1000
     assert "GAN health" in html_text and "figures/curves_gan_health.png" in markdown
@@ -356,6 +348,6 @@ def test_gan_health_panel_and_summary(tmp_path):
 
     metrics["gan_health"] = dict(metrics["gan_health"], disc_loss=0.6, disc_acc_real=0.8, disc_acc_fake=0.7,
                                  separated=True)
-    html_path, _ = write_report(tmp_path, metrics)
+    html_path, _ = write_report(tmp_path, as_result(metrics))
     summary = _summary(html_path.read_text(encoding="utf-8"))
     assert "discriminator separated real from reconstructed images" in summary and "80% on real" in summary

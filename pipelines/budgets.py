@@ -1,0 +1,173 @@
+"""`vqgen compare`'s settings: named budgets, a user's overrides, and the training arguments both stages get.
+
+A budget is a `Budget` (what both variants share); `CompareArguments` names one and may override any of its
+fields on the command line (`--tokenizer-steps 800`) or with a JSON file (`--budget-file my_budget.json`). The
+training runs receive the same `TokenizerTrainingArguments` / `PriorTrainingArguments` objects the training
+command lines build, written to JSON files, so no value goes through an argv round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from stage1_tokenizer.arguments import TokenizerTrainingArguments, check_finite, check_positive
+from stage1_tokenizer.configuration import TOKENIZER_PRESETS
+from stage2_prior.arguments import PriorTrainingArguments
+from stage2_prior.modeling import PRIOR_PRESETS
+
+VARIANTS = ("vqvae", "vqgan")
+DEFAULT_DATASETS = {"image": "digits", "text": "python-docs"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything both variants share; only the tokenizer's objective differs between them."""
+
+    tokenizer_preset: str
+    tokenizer_steps: int
+    tokenizer_batch: int
+    disc_start: int
+    prior_preset: str
+    prior_steps: int
+    prior_batch: int
+    num_eval_samples: int
+    guidance_scale: float
+
+    def __post_init__(self):
+        check_positive(self, ("tokenizer_steps", "tokenizer_batch", "prior_steps", "prior_batch", "num_eval_samples"))
+        check_finite(self, ("guidance_scale",))
+        if self.disc_start < 0:
+            raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
+        if self.tokenizer_preset not in TOKENIZER_PRESETS:
+            raise ValueError(f"tokenizer preset {self.tokenizer_preset!r} is unknown; expected one of "
+                             f"{sorted(TOKENIZER_PRESETS)}")
+        if self.prior_preset not in PRIOR_PRESETS:
+            raise ValueError(f"prior preset {self.prior_preset!r} is unknown; expected one of {sorted(PRIOR_PRESETS)}")
+
+
+BUDGETS: dict[str, Budget] = {
+    # Offline, digits (16x16 -> 8x8 codes) in a few minutes on 2 idle CPU cores (README: quick budget).
+    "quick": Budget(tokenizer_preset="tiny", tokenizer_steps=500, tokenizer_batch=32, disc_start=150,
+                    prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
+    # Fashion-MNIST (32x32 -> 8x8 codes) within the hour on 2 CPU cores without fast bf16 (README: standard budget).
+    "standard": Budget(tokenizer_preset="small", tokenizer_steps=1200, tokenizer_batch=32, disc_start=400,
+                       prior_preset="small", prior_steps=1000, prior_batch=32, num_eval_samples=2000,
+                       guidance_scale=2.0),
+    # Sized for one GPU: the `base` presets and tens of thousands of steps (not run on CPU).
+    "full": Budget(tokenizer_preset="base", tokenizer_steps=40000, tokenizer_batch=64, disc_start=10000,
+                   prior_preset="base", prior_steps=40000, prior_batch=64, num_eval_samples=10000,
+                   guidance_scale=2.0),
+}
+# Per-modality changes to a budget (text models are 1-D and far cheaper per step than image models).
+MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
+    # python-docs: the `small` text tokenizer (the `tiny` one has 64 codes for 2 bytes: too few to read back).
+    "quick": dict(tokenizer_preset="small", tokenizer_steps=600, disc_start=200),
+    "standard": dict(tokenizer_steps=3000, disc_start=1000),
+}}
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Budget))
+
+
+def _help(text: str, **metadata) -> dict:
+    return {"help": text, **metadata}
+
+
+@dataclass
+class CompareArguments:
+    """`vqgen compare`: train VQ-VAE and VQGAN under one budget, a prior on each, and judge their samples."""
+
+    dataset: str | None = field(default=None, metadata=_help(
+        "Hub name, local folder, or a built-in (default: digits for images, python-docs for text)"))
+    modality: Literal["image", "text"] = "image"
+    budget: Literal["quick", "standard", "full"] = "quick"
+    budget_file: str | None = field(default=None, metadata=_help(
+        "a JSON object of budget fields over the named budget's (e.g. {\"prior_steps\": 2000})"))
+    output_dir: str = "runs/compare"
+    seed: int = field(default=0, metadata=_help("the first seed; --seeds N uses seed, seed + 1, ..."))
+    seeds: int = field(default=1, metadata=_help(
+        "train each variant this many times (seed-to-seed spread in the report; 1: not measured)"))
+    class_conditional: bool | None = field(default=None, metadata=_help(
+        "class-conditional priors (default: when the data set has labels; --class-conditional false for none)",
+        nargs="?", const=True))
+    perceptual: Literal["lpips", "random-vgg", "none"] = field(default="random-vgg", metadata=_help(
+        "VQGAN perceptual loss network (lpips needs downloadable VGG16 weights)"))
+    force: bool = field(default=False, metadata=_help("retrain runs already present in --output-dir"))
+    threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for torch, here and in the training processes (default: OMP_NUM_THREADS, else the cores "
+        "other processes leave free)"))
+    # Budget overrides: None keeps the named budget's value.
+    tokenizer_preset: str | None = field(default=None, metadata=_help("", choices=sorted(TOKENIZER_PRESETS)))
+    tokenizer_steps: int | None = None
+    tokenizer_batch: int | None = None
+    disc_start: int | None = None
+    prior_preset: str | None = field(default=None, metadata=_help("", choices=sorted(PRIOR_PRESETS)))
+    prior_steps: int | None = None
+    prior_batch: int | None = None
+    num_eval_samples: int | None = None
+    guidance_scale: float | None = None
+
+    def __post_init__(self):
+        check_positive(self, ("seeds", "threads"))
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        self.resolved_budget()  # a bad override (e.g. --tokenizer-steps 0) is refused before anything runs
+
+    def overrides(self) -> dict:
+        """Budget fields set by the user: the budget file's, then the command line's."""
+        fields = {}
+        if self.budget_file:
+            fields.update(read_budget_file(self.budget_file))
+        fields.update({name: getattr(self, name) for name in OVERRIDABLE if getattr(self, name) is not None})
+        return fields
+
+    def resolved_budget(self) -> Budget:
+        """The named budget for this modality, with the user's overrides (each checked, e.g. steps >= 1)."""
+        return budget_for(self.budget, self.modality, self.overrides())
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+
+def read_budget_file(path: str) -> dict:
+    try:
+        fields = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--budget-file {path!r} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--budget-file {path!r} is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--budget-file {path!r} must hold a JSON object of budget fields")
+    unknown = sorted(set(fields) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"--budget-file {path!r} has unknown fields {unknown}; budget fields are {list(OVERRIDABLE)}")
+    return fields
+
+
+def budget_for(name: str, modality: str, overrides: dict | None = None) -> Budget:
+    """BUDGETS[name] with the modality's changes, then `overrides` (validated by Budget)."""
+    if name not in BUDGETS:
+        raise ValueError(f"budget {name!r} is unknown; expected one of {list(BUDGETS)}")
+    base = dataclasses.replace(BUDGETS[name], **MODALITY_CHANGES.get(modality, {}).get(name, {}))
+    return dataclasses.replace(base, **(overrides or {}))
+
+
+def tokenizer_arguments(budget: Budget, variant: str, dataset: str, modality: str, seed: int, perceptual: str,
+                        output_dir: Path, threads: int | None) -> TokenizerTrainingArguments:
+    """Stage-1 arguments of one variant under `budget`."""
+    return TokenizerTrainingArguments(
+        max_steps=budget.tokenizer_steps, output_dir=str(output_dir), dataset=dataset, modality=modality,
+        variant=variant, preset=budget.tokenizer_preset, batch_size=budget.tokenizer_batch,
+        disc_start=budget.disc_start, perceptual_backend=perceptual, seed=seed, threads=threads)
+
+
+def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int, class_conditional: bool,
+                    output_dir: Path, threads: int | None) -> PriorTrainingArguments:
+    """Stage-2 arguments of one variant's prior under `budget`."""
+    return PriorTrainingArguments(
+        tokenizer=str(tokenizer_dir), max_steps=budget.prior_steps, output_dir=str(output_dir), dataset=dataset,
+        preset=budget.prior_preset, batch_size=budget.prior_batch, class_conditional=class_conditional, seed=seed,
+        threads=threads)
