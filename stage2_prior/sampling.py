@@ -28,9 +28,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 
 # The default KV cache is transformers' dynamic one, which grows by concatenation. `static_cache=True` preallocates a
-# StaticCache and writes in place instead (what torch.compile / CUDA graphs want). On 2 idle CPU cores it did not
-# pay off: 3.64 s static vs 3.38 s dynamic for 16 x 256 codes, 21.0-22.5 s vs 20.7 s for 16 x 1,024 codes
-# (benchmarks/bench_sampling.py): attention then always spans the whole preallocated length.
+# StaticCache and writes in place instead (what torch.compile / CUDA graphs want). On CPU it does not pay off,
+# since attention then always spans the whole preallocated length (benchmarks/README.md, bench_sampling.py).
 
 
 def make_static_cache(prior: PreTrainedModel, rows: int, max_len: int):
