@@ -38,6 +38,9 @@ ROWS: dict[str, dict] = {
     "taming + LeCam 0.001": {**TAMING, "lecam_weight": 0.001},
     "vqgen default": GAN_RECIPES["vqgen"],
     "vqgen default, adaptive weight": {**GAN_RECIPES["vqgen"], "gan_weighting": "adaptive", "disc_weight": 0.8},
+    # Two-time-scale: the discriminator's learning rate 3x the autoencoder's (a training flag, not a config field).
+    "vqgen default, D lr x3": {**GAN_RECIPES["vqgen"], "train_flags": ["--disc-learning-rate", "1.2e-3"]},
+    "vqgen default, fixed weight 0.01": {**GAN_RECIPES["vqgen"], "disc_weight": 0.01},
 }
 
 
@@ -53,10 +56,11 @@ def train_row(args, name: str, fields: dict, folder: Path) -> float:
         return 0.0
     fields = dict(fields)
     variant = fields.pop("variant", "vqgan")
+    flags = fields.pop("train_flags", [])
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", args.dataset, "--variant", variant,
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--seed", str(args.seed), "--config", json.dumps(fields),
-               "--log-every", "10", "--max-eval-items", "1000", "--output-dir", str(folder)]
+               "--log-every", "10", "--max-eval-items", "1000", "--output-dir", str(folder), *flags]
     print(f"\n== {name} ==\n$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)

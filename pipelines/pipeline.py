@@ -14,17 +14,18 @@ import torch
 from PIL import Image
 from transformers import LlamaForCausalLM, PreTrainedModel
 
+from stage1_tokenizer.loading import load_strict
 from stage1_tokenizer.modeling import VQModel
 from stage2_prior.modeling import TokenLayout
 from stage2_prior.folder import PIPELINE_CONFIG, SAMPLE_GRID, folder_config, grid_labels, save_metadata, save_weights
 from stage2_prior.sampling import sample_codes
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 OUTPUT_TYPES = ("pil", "pt", "np")
 
 
 # One call's ceiling: 100k 32x32 samples are ~100M code tokens; far larger requests are typos (10**12).
 MAX_NUM_SAMPLES = 1_000_000
+DEFAULT_BATCH_SIZE = 256  # samples drawn per forward pass when `batch_size` is not given
 
 
 def _is_int(value) -> bool:
@@ -74,44 +75,6 @@ def _as_tensor(images) -> torch.Tensor:
         return torch.from_numpy(images).permute(0, 3, 1, 2).float()
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-
-
-def _check_weights(folder: Path, what: str) -> None:
-    """Refuse folders whose weights are missing or pickle-only; never unpickle anything."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} folder {folder} is missing")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{what} folder {folder} has no config.json")
-    if not (folder / "model.safetensors").is_file():
-        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise ValueError(
-                f"{what} folder {folder} holds only pickle weights {pickles}; vqgen loads safetensors only "
-                "(pickles can run code). Convert them with safetensors.torch.save_file in a trusted environment."
-            )
-        raise FileNotFoundError(f"{what} folder {folder} has no model.safetensors")
-
-
-def _load_model(cls, folder: Path, what: str):
-    from safetensors import SafetensorError
-
-    _check_weights(folder, what)
-    try:
-        model, info = cls.from_pretrained(str(folder), use_safetensors=True, output_loading_info=True)
-    except (OSError, RuntimeError, ValueError, SafetensorError) as error:
-        if "mismatch" in str(error).lower():  # transformers' shape check: weights and config.json disagree
-            raise ValueError(f"{what} weights in {folder} do not fit the shapes its config.json describes (was the "
-                             "config edited, or the weights copied from another model?)") from error
-        raise ValueError(f"{what} weights in {folder} could not be loaded ({type(error).__name__}: {error}); "
-                         "the file may be truncated or corrupt") from error
-    # Loading is strict: a layer left at its fresh initialisation would generate quietly wrong samples.
-    problems = {kind: sorted(info.get(f"{kind}_keys") or []) for kind in ("missing", "unexpected", "mismatched")}
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:6]))}{' ...' if len(keys) > 6 else ''}"
-                           for kind, keys in problems.items())
-        raise ValueError(f"{what} weights in {folder} do not match its config.json ({listed})")
-    return model
 
 
 class VQPipeline:
@@ -224,15 +187,16 @@ class VQPipeline:
 
         class_labels: one label per sample (or one int for all); None samples the null class
         (unconditional) on a conditional prior. guidance_scale: classifier-free guidance
-        strength (1.0 = off). seed: equal seeds give equal samples. use_cache / static_cache: the KV cache
-        (on by default) and whether it is preallocated (off by default: see stage2_prior.sampling).
+        strength (1.0 = off). seed: equal seeds give equal samples. batch_size: samples per forward pass
+        (default 256, so memory stays bounded for any num_samples). use_cache / static_cache: the KV cache (on by
+        default) and whether it is preallocated (off by default: see stage2_prior.sampling).
         """
         labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
                                            batch_size, output_type, seed)
         generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
         self.prior.eval()
         self.tokenizer.eval()
-        batch_size = batch_size or num_samples
+        batch_size = batch_size or min(num_samples, DEFAULT_BATCH_SIZE)  # memory bounded for any num_samples
         codes = []
         for start in range(0, num_samples, batch_size):
             count = min(batch_size, num_samples - start)
@@ -300,8 +264,8 @@ class VQPipeline:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{config_path} is not valid JSON: {error}") from error
-        tokenizer = _load_model(VQModel, root / "tokenizer", "tokenizer")
-        prior = _load_model(LlamaForCausalLM, root / "prior", "prior")
+        tokenizer = load_strict(VQModel, root / "tokenizer", "tokenizer")
+        prior = load_strict(LlamaForCausalLM, root / "prior", "prior")
         layout = TokenLayout.from_dict(config["token_layout"])
         pipeline = cls(tokenizer, prior, layout=layout, class_names=config.get("class_names"),
                        metadata=config.get("metadata"))

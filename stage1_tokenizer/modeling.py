@@ -58,7 +58,8 @@ class VQModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """PreTrainedModel.from_pretrained, keeping an EMA codebook frozen (loading makes fresh Parameters)."""
+        """PreTrainedModel.from_pretrained from safetensors only (never a pickle), keeping an EMA codebook frozen."""
+        kwargs.setdefault("use_safetensors", True)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         if model.config.ema_decay is not None:

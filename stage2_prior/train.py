@@ -18,6 +18,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from stage1_tokenizer.arguments import parse_arguments, save_arguments
 from stage1_tokenizer.data import DataError, StepBatchSampler
+from stage1_tokenizer.loading import load_strict
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
 from stage1_tokenizer.train_utils import (
@@ -82,7 +83,7 @@ def main(args: PriorTrainingArguments) -> None:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
-    tokenizer = VQModel.from_pretrained(args.tokenizer).to(accelerator.device).eval()
+    tokenizer = load_strict(VQModel, Path(args.tokenizer), "tokenizer").to(accelerator.device).eval()
     with accelerator.main_process_first():
         train_codes, class_names, _ = build_code_cache(tokenizer, args.dataset, "train", args.cache_dir)
         eval_codes, _, _ = build_code_cache(tokenizer, args.dataset, "eval", args.cache_dir)
