@@ -80,8 +80,10 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     classifier, classifier_info = load_or_train_classifier(dataset, config.resolution, config.in_channels,
                                                            classifier_seed)
     count = num_samples
-    real_test, test_labels = load_images(dataset, "eval", config.resolution, config.in_channels, max_items=count)
-    real_train, _ = load_images(dataset, "train", config.resolution, config.in_channels, max_items=len(real_test))
+    eval_split = load_split(dataset, "eval", "image")  # loaded once, for the real rows and both reconstructions
+    real_test, test_labels = load_images(eval_split, "eval", config.resolution, config.in_channels, max_items=count)
+    real_train, _ = load_images(load_split(dataset, "train", "image"), "train", config.resolution,
+                                config.in_channels, max_items=len(real_test))
     count = len(real_test)
     conditional = first.layout.conditional
     requested = test_labels.tolist() if conditional else None  # same class histogram as the real rows
@@ -97,7 +99,7 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     spectra = {"real test images": radial_power_spectrum(real_test)}
     for variant, pipe in pipes.items():
         print(f"evaluating {variant}: reconstructions")
-        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, dataset, classifier)
+        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split, classifier)
         results["reconstruction"][variant].pop("classifier_accuracy_real", None)  # the real row has the classifier's
         with torch.no_grad():
             recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float().cpu()
@@ -148,10 +150,10 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     """Reconstruction + sample metrics and intervals for text pipelines, with a real-text row and sample texts."""
     first = next(iter(pipes.values()))
     count = num_samples
-    train_split = load_split(dataset, "train", "text")
+    train_split, eval_split = load_split(dataset, "train", "text"), load_split(dataset, "eval", "text")
     train_texts, train_labels = texts_and_labels(train_split, None)
     # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows).
-    held_out = text_dataset(load_split(dataset, "eval", "text"), first.tokenizer.config.seq_len)
+    held_out = text_dataset(eval_split, first.tokenizer.config.seq_len)
     count = min(count, len(held_out))
     real_texts = bytes_to_strings(held_out.windows[:count])
     real_labels = held_out.labels[:count].tolist() if held_out.has_labels else None
@@ -165,7 +167,7 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
         results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
     requested = list(real_labels) if conditional else None
     for variant, pipe in pipes.items():
-        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, dataset)
+        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split)
         out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
                             guidance_scale=guidance_scale if conditional else 1.0, seed=seed, batch_size=250)
         results["generation"][variant] = text_generation_metrics(out.texts, train_texts, ngram, sentiment, requested)
