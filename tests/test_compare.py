@@ -64,6 +64,8 @@ def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_b
     assert 'src="http' not in html and "src='http" not in html
     markdown = (out / "report.md").read_text()
     assert "FD-classifier" in markdown and "| VQ-VAE | VQGAN |" in markdown
+    assert "| Overrides | tokenizer_preset tiny, tokenizer_steps 3, tokenizer_batch 8, disc_start 1" in markdown
+    assert "| Tokenizer steps | 3 |" in markdown  # the budget that ran
     for figure in metrics["figures"]["samples"].values():
         assert (out / figure).is_file()
 
