@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stage1_tokenizer.arguments import TokenizerTrainingArguments, check_finite, check_positive
+from stage1_tokenizer.arguments import TokenizerTrainingArguments, check_finite, check_positive, described
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS
 from stage2_prior.arguments import PriorTrainingArguments
 from stage2_prior.modeling import PRIOR_PRESETS
@@ -71,39 +71,35 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Budget))
 
 
-def _help(text: str, **metadata) -> dict:
-    return {"help": text, **metadata}
-
-
 @dataclass
 class CompareArguments:
     """`vqgen compare`: train VQ-VAE and VQGAN under one budget, a prior on each, and judge their samples."""
 
-    dataset: str | None = field(default=None, metadata=_help(
+    dataset: str | None = field(default=None, metadata=described(
         "Hub name, local folder, or a built-in (default: digits for images, python-docs for text)"))
     modality: Literal["image", "text"] = "image"
     budget: Literal["quick", "standard", "full"] = "quick"
-    budget_file: str | None = field(default=None, metadata=_help(
+    budget_file: str | None = field(default=None, metadata=described(
         "a JSON object of budget fields over the named budget's (e.g. {\"prior_steps\": 2000})"))
     output_dir: str = "runs/compare"
-    seed: int = field(default=0, metadata=_help("the first seed; --seeds N uses seed, seed + 1, ..."))
-    seeds: int = field(default=1, metadata=_help(
+    seed: int = field(default=0, metadata=described("the first seed; --seeds N uses seed, seed + 1, ..."))
+    seeds: int = field(default=1, metadata=described(
         "train each variant this many times (seed-to-seed spread in the report; 1: not measured)"))
-    class_conditional: bool | None = field(default=None, metadata=_help(
+    class_conditional: bool | None = field(default=None, metadata=described(
         "class-conditional priors (default: when the data set has labels; --class-conditional false for none)",
         nargs="?", const=True))
-    perceptual: Literal["lpips", "random-vgg", "none"] = field(default="random-vgg", metadata=_help(
+    perceptual: Literal["lpips", "random-vgg", "none"] = field(default="random-vgg", metadata=described(
         "VQGAN perceptual loss network (lpips needs downloadable VGG16 weights)"))
-    force: bool = field(default=False, metadata=_help("retrain runs already present in --output-dir"))
-    threads: int | None = field(default=None, metadata=_help(
+    force: bool = field(default=False, metadata=described("retrain runs already present in --output-dir"))
+    threads: int | None = field(default=None, metadata=described(
         "CPU threads for torch, here and in the training processes (default: OMP_NUM_THREADS, else the cores "
         "other processes leave free)"))
     # Budget overrides: None keeps the named budget's value.
-    tokenizer_preset: str | None = field(default=None, metadata=_help("", choices=sorted(TOKENIZER_PRESETS)))
+    tokenizer_preset: str | None = field(default=None, metadata=described("", choices=sorted(TOKENIZER_PRESETS)))
     tokenizer_steps: int | None = None
     tokenizer_batch: int | None = None
     disc_start: int | None = None
-    prior_preset: str | None = field(default=None, metadata=_help("", choices=sorted(PRIOR_PRESETS)))
+    prior_preset: str | None = field(default=None, metadata=described("", choices=sorted(PRIOR_PRESETS)))
     prior_steps: int | None = None
     prior_batch: int | None = None
     num_eval_samples: int | None = None

@@ -22,7 +22,8 @@ from .data import BUILTIN_DATASETS
 TRAINING_ARGS = "training_args.json"
 
 
-def _help(text: str, **metadata) -> dict:
+def described(text: str, **metadata) -> dict:
+    """A dataclass field's metadata for HfArgumentParser: its help text and any other add_argument options."""
     return {"help": text, **metadata}
 
 
@@ -56,45 +57,46 @@ def with_defaults(arguments, defaults: dict):
 class TokenizerTrainingArguments:
     """Stage 1: train a VQ-VAE or VQGAN tokenizer."""
 
-    max_steps: int = field(metadata=_help("optimizer steps to train for"))
-    output_dir: str = field(metadata=_help("run folder: checkpoints, metrics.jsonl, samples and the final model"))
-    dataset: str = field(default="digits", metadata=_help(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
+    max_steps: int = field(metadata=described("optimizer steps to train for"))
+    output_dir: str = field(metadata=described("run folder: checkpoints, metrics.jsonl, samples and the final model"))
+    dataset: str = field(default="digits",
+                         metadata=described(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
     modality: Literal["image", "text"] = "image"
     variant: Literal["vqvae", "vqgan"] = "vqgan"
-    preset: str = field(default="tiny", metadata=_help("size preset", choices=sorted(TOKENIZER_PRESETS)))
-    config: str | None = field(default=None, metadata=_help(
+    preset: str = field(default="tiny", metadata=described("size preset", choices=sorted(TOKENIZER_PRESETS)))
+    config: str | None = field(default=None, metadata=described(
         "VQConfig fields over the preset's: a JSON object or a JSON file (e.g. a trained tokenizer's config.json)"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest intact checkpoint"))
+    resume: bool = field(default=False, metadata=described("continue from the newest intact checkpoint"))
     seed: int = 0
-    batch_size: int | None = field(default=None, metadata=_help("global batch size (default: the preset's)"))
-    learning_rate: float | None = field(default=None, metadata=_help("default: the preset's"))
-    disc_learning_rate: float | None = field(default=None, metadata=_help("default: the preset's"))
-    grad_clip: float = field(default=1.0, metadata=_help("the autoencoder's gradient-norm clip"))
-    disc_grad_clip: float = field(default=0.0, metadata=_help(
+    batch_size: int | None = field(default=None, metadata=described("global batch size (default: the preset's)"))
+    learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
+    disc_learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
+    grad_clip: float = field(default=1.0, metadata=described("the autoencoder's gradient-norm clip"))
+    disc_grad_clip: float = field(default=0.0, metadata=described(
         "the discriminator's gradient-norm clip (0: none; see README, the VQGAN's discriminator)"))
     perceptual_backend: Literal["lpips", "random-vgg", "none"] | None = field(
-        default=None, metadata=_help("perceptual loss network (default: the config's)", aliases=["--perceptual"]))
-    disc_start: int | None = field(default=None, metadata=_help("step at which the GAN loss reaches the decoder"))
-    gan_recipe: str | None = field(default=None, metadata=_help(
+        default=None, metadata=described("perceptual loss network (default: the config's)", aliases=["--perceptual"]))
+    disc_start: int | None = field(default=None, metadata=described("step at which the GAN loss reaches the decoder"))
+    gan_recipe: str | None = field(default=None, metadata=described(
         "a named set of discriminator fields (default: the config's own, i.e. 'vqgen'; 'taming' reproduces "
         "taming-transformers)", choices=sorted(GAN_RECIPES)))
-    ema_decay: float | None = field(default=None, metadata=_help("use an EMA codebook with this decay (e.g. 0.99)"))
+    ema_decay: float | None = field(default=None, metadata=described("use an EMA codebook with this decay (e.g. 0.99)"))
     codebook_size: int | None = None
     resolution: int | None = None
-    hflip: bool = field(default=False, metadata=_help("random horizontal flips"))
-    skip_corrupt: bool = field(default=False, metadata=_help("skip and count undecodable records"))
+    hflip: bool = field(default=False, metadata=described("random horizontal flips"))
+    skip_corrupt: bool = field(default=False, metadata=described("skip and count undecodable records"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    cpu: bool = field(default=False, metadata=_help("train on the CPU even when a GPU is present"))
+    cpu: bool = field(default=False, metadata=described("train on the CPU even when a GPU is present"))
     num_workers: int = 0
-    threads: int | None = field(default=None, metadata=_help(
+    threads: int | None = field(default=None, metadata=described(
         "CPU threads for torch (default: OMP_NUM_THREADS, else the cores other processes leave free; README, Threads)"))
-    compile: bool = field(default=False, metadata=_help("torch.compile the encoder and decoder (see benchmarks/)"))
+    compile: bool = field(default=False, metadata=described("torch.compile the encoder and decoder (see benchmarks/)"))
     log_every: int | None = None
     sample_every: int | None = None
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
-    max_nonfinite: int = field(default=20, metadata=_help("stop after this many non-finite losses in a row"))
-    max_eval_items: int | None = field(default=None, metadata=_help("evaluate on at most this many test records"))
+    max_nonfinite: int = field(default=20, metadata=described("stop after this many non-finite losses in a row"))
+    max_eval_items: int | None = field(default=None, metadata=described("evaluate on at most this many test records"))
 
     def __post_init__(self):
         if self.preset not in TOKENIZER_PRESETS:

@@ -5,44 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stage1_tokenizer.arguments import check_finite, check_positive, with_defaults
+from stage1_tokenizer.arguments import check_finite, check_positive, described, with_defaults
 from stage1_tokenizer.data import BUILTIN_DATASETS
 
 from .modeling import PRIOR_PRESETS
-
-
-def _help(text: str, **metadata) -> dict:
-    return {"help": text, **metadata}
 
 
 @dataclass
 class PriorTrainingArguments:
     """Stage 2: train the GPT-style prior over a trained tokenizer's codes; the output folder is a full pipeline."""
 
-    tokenizer: str = field(metadata=_help("folder of a trained stage-1 tokenizer"))
-    max_steps: int = field(metadata=_help("optimizer steps to train for"))
-    output_dir: str = field(metadata=_help("becomes a complete pipeline folder"))
-    dataset: str = field(default="digits", metadata=_help(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
-    preset: str = field(default="tiny", metadata=_help("size preset", choices=sorted(PRIOR_PRESETS)))
-    class_conditional: bool = field(default=False, metadata=_help("condition on the data set's labels"))
-    resume: bool = field(default=False, metadata=_help("continue from the newest intact checkpoint"))
+    tokenizer: str = field(metadata=described("folder of a trained stage-1 tokenizer"))
+    max_steps: int = field(metadata=described("optimizer steps to train for"))
+    output_dir: str = field(metadata=described("becomes a complete pipeline folder"))
+    dataset: str = field(default="digits",
+                         metadata=described(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
+    preset: str = field(default="tiny", metadata=described("size preset", choices=sorted(PRIOR_PRESETS)))
+    class_conditional: bool = field(default=False, metadata=described("condition on the data set's labels"))
+    resume: bool = field(default=False, metadata=described("continue from the newest intact checkpoint"))
     seed: int = 0
-    batch_size: int | None = field(default=None, metadata=_help("default: the preset's"))
-    learning_rate: float | None = field(default=None, metadata=_help("peak learning rate (default: the preset's)"))
-    warmup_steps: int | None = field(default=None, metadata=_help("default: the preset's"))
-    decay_steps: int | None = field(default=None, metadata=_help(
+    batch_size: int | None = field(default=None, metadata=described("default: the preset's"))
+    learning_rate: float | None = field(default=None, metadata=described("peak learning rate (default: the preset's)"))
+    warmup_steps: int | None = field(default=None, metadata=described("default: the preset's"))
+    decay_steps: int | None = field(default=None, metadata=described(
         "length of the cosine learning-rate decay (default: --max-steps); set it when a run will be extended with "
         "--resume so the schedule does not depend on --max-steps"))
     weight_decay: float = 0.05
-    label_dropout: float = field(default=0.1, metadata=_help("probability of the null class (for guidance)"))
+    label_dropout: float = field(default=0.1, metadata=described("probability of the null class (for guidance)"))
     grad_clip: float = 1.0
-    cache_dir: str | None = field(default=None, metadata=_help("where code caches live (default ~/.cache/vqgen/codes)"))
-    max_eval_items: int = field(default=2000, metadata=_help("cap on validation sequences"))
+    cache_dir: str | None = field(default=None,
+                                 metadata=described("where code caches live (default ~/.cache/vqgen/codes)"))
+    max_eval_items: int = field(default=2000, metadata=described("cap on validation sequences"))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
-    threads: int | None = field(default=None, metadata=_help(
+    threads: int | None = field(default=None, metadata=described(
         "CPU threads for torch (default: OMP_NUM_THREADS, else the cores other processes leave free; README, Threads)"))
-    compile: bool = field(default=False, metadata=_help("torch.compile the training loss"))
+    compile: bool = field(default=False, metadata=described("torch.compile the training loss"))
     log_every: int | None = None
     eval_every: int | None = None
     sample_every: int | None = None
