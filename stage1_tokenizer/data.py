@@ -76,9 +76,9 @@ def _class_names(records, dataset: str, split: str) -> list[str] | None:
     """The label column's class names, after checking every label against them.
 
     A ClassLabel column gives its names (a string column was made one by `_encode_string_labels`); a plain
-    integer column holding 0..K-1 gets the names "0".."K-1"; any other label column (floats, bools) is not
-    used for conditioning. Labels outside the names would otherwise become the prior's null-class or
-    begin-of-sequence tokens; missing (None) labels are refused.
+    integer column holding 0..K-1 gets the names "0".."K-1"; any other label column (floats, bools, lists) is
+    refused, since conditioning on it would be a guess. Labels outside the names would otherwise become the
+    prior's null-class or begin-of-sequence tokens; missing (None) labels are refused.
     """
     import datasets
 
@@ -93,7 +93,11 @@ def _class_names(records, dataset: str, split: str) -> list[str] | None:
         if names is None:
             raise DataError(f"data set {dataset!r} ({split}): integer labels must be 0..K-1, found {min(labels)}")
     else:
-        return None
+        kind = feature.dtype if isinstance(feature, datasets.Value) else type(feature).__name__
+        raise DataError(f"data set {dataset!r} ({split}): the {LABEL_COLUMN!r} column holds {kind} values, which "
+                        f"are not classes; cast it to integers or strings, or to ClassLabel "
+                        f"(dataset.cast_column({LABEL_COLUMN!r}, ClassLabel(names=[...]))), or rename the column "
+                        f"to train without labels")
     bad = sorted({label for label in labels if not 0 <= label < len(names)})
     if bad:
         raise DataError(f"data set {dataset!r} ({split}): labels {bad[:5]} are outside its {len(names)} class "

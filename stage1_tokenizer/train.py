@@ -1,4 +1,4 @@
-"""Train a VQ-VAE or VQGAN tokenizer: `accelerate launch -m stage1_tokenizer.train --dataset digits ...`."""
+"""Train a VQ-VAE or VQGAN tokenizer: `accelerate launch -q -m stage1_tokenizer.train --dataset digits ...`."""
 
 from __future__ import annotations
 

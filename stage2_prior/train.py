@@ -1,4 +1,4 @@
-"""Train the GPT-style prior over a tokenizer's codes: `accelerate launch -m stage2_prior.train --tokenizer DIR ...`."""
+"""Train the GPT-style prior over a tokenizer's codes: `accelerate launch -q -m stage2_prior.train --tokenizer DIR ...`."""
 
 from __future__ import annotations
 

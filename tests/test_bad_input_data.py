@@ -235,6 +235,15 @@ def test_missing_labels_in_a_class_label_column_are_refused():
         text_split(["a", "b", "c"], [0, 1, None], features=features)
 
 
+@pytest.mark.parametrize("labels, kind", [([0.0, 1.0, 0.5], "float64"), ([True, False, True], "bool"),
+                                          ([[0], [1], [0]], "List")], ids=["floats", "bools", "lists"])
+def test_label_columns_that_are_not_classes_are_refused(labels, kind):
+    """A float, bool or list 'label' column is not silently dropped: the error names its type and the fixes."""
+    with pytest.raises(DataError, match=rf"\(train\): the 'label' column holds {kind}\w* values, which are not "
+                                        rf"classes; cast it to integers or strings, or to ClassLabel"):
+        text_split(["a", "b", "c"], labels)
+
+
 # ------------------------------------------------------------------------------------ end to end, stage 1 CLI
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
