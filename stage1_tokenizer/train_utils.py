@@ -423,6 +423,18 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, step: int, keep: int, ext
     return final
 
 
+# What accelerate.save_state writes besides safetensors model weights: optimizer, scheduler, sampler and RNG
+# states, which accelerate reads back with torch's weights_only loader. Anything else that is not safetensors
+# (pickled model weights, custom pickled objects) vqgen never wrote, and never loads.
+STATE_FILE_PATTERNS = ("optimizer*.bin", "scheduler*.bin", "sampler*.bin", "random_states_*.pkl")
+
+
+def pickled_files(folder: Path) -> list[str]:
+    """Files in a checkpoint folder that would be unpickled but are not one of accelerate's state files."""
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix not in (".safetensors", ".json")
+                  and not any(p.match(pattern) for pattern in STATE_FILE_PATTERNS))
+
+
 def resume_checkpoint(accelerator, checkpoint_dir: Path) -> tuple[int, dict]:
     """Load the newest intact checkpoint; a corrupt newer one is reported and skipped. Returns (step, state)."""
     candidates = list_checkpoints(checkpoint_dir)
@@ -431,6 +443,10 @@ def resume_checkpoint(accelerator, checkpoint_dir: Path) -> tuple[int, dict]:
     for folder in reversed(candidates):
         problem = verify_checkpoint(folder)
         if problem is None:
+            refused = pickled_files(folder)
+            if refused:
+                raise CheckpointError(f"checkpoint {folder} holds files vqgen does not load: {refused} (model weights "
+                                      "must be safetensors; pickles are never unpickled); vqgen did not write it")
             accelerator.load_state(str(folder))
             state = json.loads((folder / "train_state.json").read_text())
             return int(state["step"]), state

@@ -329,6 +329,7 @@ def test_bad_config_is_named(tmp_path, capsys, value, needle):
     (["--variant", "vqvae"], r"variant: 'vqgan' -> 'vqvae'"),
     (["--codebook-size", "32"], r"codebook_size: 64 -> 32"),
     (["--config", '{"disc_norm": "batch"}'], r"disc_norm: 'group' -> 'batch'"),
+    (["--preset", "small"], r"base_channels: \d+ -> \d+"),
 ])
 def test_resume_with_changed_settings_is_refused(train, tmp_path, capsys, changed, message):
     out = train(tmp_path / "run", "--variant", "vqgan", steps=2)
@@ -341,6 +342,27 @@ def test_resume_with_changed_settings_is_refused(train, tmp_path, capsys, change
     assert "Traceback" not in err and "was started with other settings" in err and re.search(message, err), err
     assert (out / "model.safetensors").read_bytes() == before  # nothing overwritten
     assert [row["step"] for row in read_metrics(out)][-1] == 2
+
+
+@pytest.mark.parametrize("name", ["pytorch_model.bin", "custom_checkpoint_0.pkl"])
+def test_resume_refuses_a_checkpoint_holding_pickles(train, tmp_path, capsys, name):
+    """A checkpoint whose weights are a pickle (even with a matching manifest) is refused by vqgen, unloaded."""
+    from stage1_tokenizer.train_utils import write_manifest
+
+    out = train(tmp_path / "run", "--variant", "vqvae", steps=2)
+    before = (out / "model.safetensors").read_bytes()
+    checkpoint = out / "checkpoints" / "step_2"
+    torch.save({"weight": torch.zeros(1)}, checkpoint / name)
+    if name == "pytorch_model.bin":
+        (checkpoint / "model.safetensors").unlink()
+    write_manifest(checkpoint)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train(out, "--variant", "vqvae", "--resume", steps=4)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"holds files vqgen does not load: ['{name}']" in err, err
+    assert (out / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("labels, feature, message", [
