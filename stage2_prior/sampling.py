@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, StaticCache
 
 from stage1_tokenizer.threads import rebalance_threads
 
+from .llama_decoder import LlamaDecoder, unsupported_reason
 from .modeling import TokenLayout, cache_kwarg, output_cache
 
 
@@ -25,6 +26,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of `probs` (B, V) -> (B,): what `torch.multinomial(probs, 1, generator=generator)` draws.
+
+    torch.multinomial draws one sample as argmax(p / q) with q ~ Exp(1) (the exponential race, a Gumbel-max
+    trick), after input checks that each cost a synchronising reduction. This is that draw without the checks,
+    consuming the generator identically, so seeds keep their codes (tests/test_stage2.py pins the equality).
+    """
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 # The default KV cache is transformers' dynamic one, which grows by concatenation. `static_cache=True` preallocates a
@@ -46,6 +58,30 @@ def _forward(prior: PreTrainedModel, input_ids: torch.Tensor, cache, use_cache: 
     return outputs.logits[:, -1].float(), (output_cache(outputs) if use_cache else None)
 
 
+def fast_decoder(prior: PreTrainedModel, rows: int, max_len: int, num_logits: int) -> LlamaDecoder | None:
+    """The hand-written decode step for `prior` (None when `LlamaDecoder` does not support it)."""
+    if unsupported_reason(prior) is not None:
+        return None
+    return LlamaDecoder(prior, rows, max_len, num_logits)
+
+
+class _TransformersSteps:
+    """Decode steps through the prior's own forward: transformers' dynamic or static KV cache, or none."""
+
+    def __init__(self, prior: PreTrainedModel, first: torch.Tensor, max_len: int, use_cache: bool, static_cache: bool):
+        self.prior, self.use_cache = prior, use_cache
+        self.cache = make_static_cache(prior, first.shape[0], max_len) if use_cache and static_cache else None
+        self.sequence = first.unsqueeze(1)  # (R, 1): only kept whole without a cache
+
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (R, V) of the token after `tokens` (R,), the one at `position`."""
+        if position > 0 and not self.use_cache:
+            self.sequence = torch.cat([self.sequence, tokens.unsqueeze(1)], dim=1)
+        logits, self.cache = _forward(self.prior, self.sequence if not self.use_cache else tokens.unsqueeze(1),
+                                      self.cache, self.use_cache)
+        return logits
+
+
 @torch.no_grad()
 def sample_codes(
     prior: PreTrainedModel,
@@ -64,7 +100,8 @@ def sample_codes(
 
     With classifier-free guidance (guidance_scale != 1, conditional prior) the conditional and
     unconditional rows run in one batched forward per step: logits = u + s * (c - u).
-    `static_cache=True` (with `use_cache`) uses a preallocated StaticCache instead of the growing default one.
+    With the KV cache (the default) a plain Llama prior runs `LlamaDecoder`'s hand-written step; other priors,
+    `static_cache=True` (transformers' preallocated StaticCache) and `use_cache=False` run the prior's forward.
     `temperature=0` means greedy decoding. Random draws use `generator` (on the CPU), so equal
     seeds give equal codes on any device.
     """
@@ -73,26 +110,25 @@ def sample_codes(
     guided = layout.conditional and guidance_scale != 1.0
     if guided:
         condition = torch.cat([condition, torch.full_like(condition, layout.null_token)])  # (2B,)
-    sequence = condition.unsqueeze(1)  # (B or 2B, 1)
+    max_len = layout.num_codes + 1
+    steps = fast_decoder(prior, condition.shape[0], max_len, layout.codebook_size) if use_cache and not static_cache \
+        else None
+    if steps is None:
+        steps = _TransformersSteps(prior, condition, max_len, use_cache, static_cache)
     codes = torch.empty(num_samples, layout.num_codes, dtype=torch.long, device=device)
-    cache = None
-    if use_cache and static_cache:
-        cache = make_static_cache(prior, sequence.shape[0], layout.num_codes + 1)
-    step_input = sequence
+    tokens = condition
     for position in range(layout.num_codes):
         rebalance_threads()
-        logits, cache = _forward(prior, step_input if use_cache else sequence, cache, use_cache)
-        logits = logits[:, : layout.codebook_size]  # only code tokens are candidates
+        logits = steps.step(tokens, position)[:, : layout.codebook_size].float()  # only code tokens are candidates
         if guided:
             cond, uncond = logits.chunk(2)
             logits = uncond + guidance_scale * (cond - uncond)
         if temperature == 0:
             token = logits.argmax(dim=-1)
         else:
-            logits = filter_logits(logits / temperature, top_k, top_p)
-            probs = logits.softmax(dim=-1).cpu()
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)
+            if temperature != 1.0:  # dividing by 1 changes nothing, and is one op fewer a step
+                logits = logits / temperature
+            token = draw_one(filter_logits(logits, top_k, top_p).softmax(dim=-1).cpu(), generator).to(device)
         codes[:, position] = token
-        step_input = (torch.cat([token, token]) if guided else token).unsqueeze(1)
-        sequence = torch.cat([sequence, step_input], dim=1)
+        tokens = token.repeat(2) if guided else token
     return codes

@@ -1,0 +1,129 @@
+"""A one-token decode step for a Llama prior that calls its weights directly, with a preallocated KV cache.
+
+Sampling a code grid is one forward per token. At the `small` prior's size a step is ~50 MFLOP per row, so
+transformers' per-call work (mask and cache objects, output dataclasses, three q/k/v and two gate/up matmuls,
+rotary embeddings recomputed every step; ~700 tensor ops a step) costs more than the arithmetic. This step
+runs ~15 ops a layer: fused QKV and gate/up weights made once, rotary tables precomputed, keys and values
+written in place, one `scaled_dot_product_attention` call, logits for the code tokens only.
+
+It computes what `LlamaForCausalLM.forward` computes, up to float rounding; tests/test_stage2.py checks its
+logits against the transformers forward. `LlamaDecoder.supports` says which priors it handles; for any other
+the sampler keeps the transformers forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+
+
+def unsupported_reason(prior: torch.nn.Module) -> str | None:
+    """Why `LlamaDecoder` cannot run `prior` (None when it can)."""
+    if type(prior) is not LlamaForCausalLM:
+        return f"{type(prior).__name__} is not a plain LlamaForCausalLM"
+    config = prior.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    checks = {
+        "hidden_act is not silu": config.hidden_act != "silu",
+        "attention or MLP biases": bool(config.attention_bias or config.mlp_bias),
+        "rope type is not default": rope.get("rope_type", rope.get("type", "default")) != "default",
+        "attention dropout while training": prior.training and config.attention_dropout > 0,
+        "lm_head is not a Linear": type(prior.lm_head) is not torch.nn.Linear,
+    }
+    modules = list(prior.modules())
+    checks["hooks on a module"] = any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+                                      for m in modules)
+    expected = {"self_attn": modeling_llama.LlamaAttention, "mlp": modeling_llama.LlamaMLP,
+                "input_layernorm": modeling_llama.LlamaRMSNorm, "post_attention_layernorm": modeling_llama.LlamaRMSNorm}
+    checks["a layer is not the stock Llama module"] = any(
+        type(getattr(layer, name, None)) is not kind for layer in prior.model.layers for name, kind in expected.items()
+    ) or type(prior.model.norm) is not modeling_llama.LlamaRMSNorm
+    parameters = list(prior.parameters())
+    checks["parameters on several devices or dtypes, or not floating point"] = (
+        len({(p.device, p.dtype) for p in parameters}) != 1 or not parameters[0].is_floating_point()
+        or parameters[0].device.type == "meta"
+    )
+    failed = [reason for reason, bad in checks.items() if bad]
+    return "; ".join(failed) if failed else None
+
+
+class LlamaDecoder:
+    """A Llama prior's weights arranged for one-token decode steps over `rows` sequences of up to `max_len` tokens."""
+
+    @torch.no_grad()
+    def __init__(self, prior: LlamaForCausalLM, rows: int, max_len: int, num_logits: int):
+        reason = unsupported_reason(prior)
+        if reason is not None:
+            raise ValueError(f"LlamaDecoder cannot run this prior: {reason}")
+        config, model = prior.config, prior.model
+        weight = model.embed_tokens.weight
+        device, dtype = weight.device, weight.dtype
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.embedding = weight
+        self.layers = []
+        for layer in model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            # Each RMSNorm's gain is folded into the matmul after it: (n * g) W^T = n (W diag(g))^T.
+            # Weights are stored transposed and contiguous, (in, out): mm's fastest layout for a few rows.
+            self.layers.append(dict(
+                input_eps=layer.input_layernorm.variance_epsilon,
+                qkv_t=(qkv * layer.input_layernorm.weight).t().contiguous(),  # (D, (H + 2 Hkv) d)
+                out_t=attention.o_proj.weight.t().contiguous(),  # (H d, D)
+                post_eps=layer.post_attention_layernorm.variance_epsilon,
+                gate_up_t=(gate_up * layer.post_attention_layernorm.weight).t().contiguous(),  # (D, 2 I)
+                down_t=mlp.down_proj.weight.t().contiguous(),  # (I, D)
+            ))
+        self.final_eps = model.norm.variance_epsilon
+        # Only the first num_logits vocabulary rows can be drawn (code tokens), so only they are computed.
+        self.head_t = (prior.lm_head.weight[:num_logits] * model.norm.weight).t().contiguous()  # (D, num_logits)
+        self.head_bias = None if prior.lm_head.bias is None else prior.lm_head.bias[:num_logits]
+        # The model's own rotary module makes the tables, so they equal what its forward uses.
+        positions = torch.arange(max_len, device=device).unsqueeze(0)
+        cos, sin = model.rotary_emb(weight[:1].unsqueeze(0), positions)  # (1, T, d) each
+        half = self.head_dim // 2
+        # rotate_half(x) = cat(-x2, x1) = swapped halves times (-1, +1): the sign is folded into the sin table.
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=dtype)
+        self.cos, self.signed_sin = cos[0], sin[0] * sign  # (T, d)
+        shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)  # (L, R, Hkv, T, d); only [:position+1] is read
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+        self.caches = list(zip(self.keys.unbind(0), self.values.unbind(0)))  # per layer: (R, Hkv, T, d) twice
+        self.gqa = self.num_kv_heads != self.num_heads
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        """Logits of the next token after `tokens` (R,) at `position`, caching their keys and values: (R, num_logits)."""
+        rows = tokens.shape[0]
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qk_width = (heads + kv_heads) * dim
+        cos, signed_sin = self.cos[position], self.signed_sin[position]  # (d,)
+        x = F.embedding(tokens, self.embedding)  # (R, D)
+        for layer, (keys, values) in zip(self.layers, self.caches):
+            qkv = torch.mm(_normalized(x, layer["input_eps"]), layer["qkv_t"])  # (R, (H + 2 Hkv) d)
+            qk = qkv[:, :qk_width].view(rows, heads + kv_heads, dim)
+            # Rotary embedding of queries and keys together: x cos + rotate_half(x) sin.
+            qk = torch.addcmul(qk * cos, qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2), signed_sin)
+            keys.select(2, position).copy_(qk[:, heads:])
+            values.select(2, position).copy_(qkv[:, qk_width:].view(rows, kv_heads, dim))
+            attended = F.scaled_dot_product_attention(
+                qk[:, :heads].unsqueeze(2), keys.narrow(2, 0, position + 1), values.narrow(2, 0, position + 1),
+                enable_gqa=self.gqa,
+            )  # (R, H, 1, d): one query over every cached position, so no mask
+            x = torch.addmm(x, attended.view(rows, heads * dim), layer["out_t"])
+            gate, up = torch.mm(_normalized(x, layer["post_eps"]), layer["gate_up_t"]).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), layer["down_t"])
+        logits = torch.mm(_normalized(x, self.final_eps), self.head_t)
+        return logits if self.head_bias is None else logits.add_(self.head_bias)
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its gain (folded into the next matmul), in float32 like LlamaRMSNorm: (R, D) -> (R, D)."""
+    if x.dtype != torch.float32:
+        return _normalized(x.float(), eps).to(x.dtype)
+    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()

@@ -1,0 +1,120 @@
+"""The hand-written decode step computes what the transformers forward computes, and the sampler falls back to
+that forward for any prior the step does not support."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from stage2_prior import sampling
+from stage2_prior.llama_decoder import LlamaDecoder, unsupported_reason
+from stage2_prior.modeling import TokenLayout, build_prior
+from stage2_prior.sampling import draw_one, sample_codes
+
+LAYOUT = TokenLayout(codebook_size=48, num_classes=4, num_codes=12)
+
+
+def random_prior(**overrides) -> LlamaForCausalLM:
+    """A `tiny` prior with random RMSNorm gains too (fresh ones are all 1, which would hide a folding mistake)."""
+    torch.manual_seed(0)
+    prior = build_prior("tiny", LAYOUT, **overrides).eval()
+    with torch.no_grad():
+        for name, parameter in prior.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+    return prior
+
+
+def gqa_prior() -> LlamaForCausalLM:
+    """A tiny prior whose 4 query heads share 2 key/value heads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=LAYOUT.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=96, max_position_embeddings=LAYOUT.num_codes + 1)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make_prior", [random_prior, gqa_prior], ids=["tiny", "gqa"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+def test_decode_step_matches_transformers_forward(make_prior, batch, guided):
+    prior = make_prior()
+    condition = LAYOUT.condition_tokens(torch.arange(batch) % LAYOUT.num_classes, batch)
+    if guided:  # the sampler's CFG rows: conditional ones, then as many null-class rows
+        condition = torch.cat([condition, torch.full_like(condition, LAYOUT.null_token)])
+    decoder = LlamaDecoder(prior, len(condition), LAYOUT.num_codes + 1, LAYOUT.codebook_size)
+    generator = torch.Generator().manual_seed(1)
+    sequence, cache, tokens = condition.unsqueeze(1), None, condition
+    with torch.no_grad():
+        for position in range(LAYOUT.num_codes):
+            outputs = prior(input_ids=tokens.unsqueeze(1), use_cache=True, **{sampling.cache_kwarg(prior): cache})
+            cache = sampling.output_cache(outputs)
+            expected = outputs.logits[:, -1, : LAYOUT.codebook_size]  # (R, K)
+            logits = decoder.step(tokens, position)
+            assert logits.shape == expected.shape
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            tokens = torch.randint(0, LAYOUT.codebook_size, (len(condition),), generator=generator)
+            sequence = torch.cat([sequence, tokens.unsqueeze(1)], dim=1)
+        # The last step against a full forward without a cache, too.
+        full = prior(input_ids=sequence[:, :-1]).logits[:, -1, : LAYOUT.codebook_size]
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(guidance_scale=3.0), dict(temperature=0), dict(top_k=5),
+                                    dict(top_p=0.8, temperature=1.5)], ids=["t1", "cfg", "greedy", "topk", "topp"])
+def test_fast_and_transformers_paths_draw_the_same_codes(kwargs, monkeypatch):
+    prior, labels = random_prior(), torch.tensor([0, 1, 2, 3, -1])
+    made, real = [], sampling.fast_decoder
+
+    def spy(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sampling, "fast_decoder", spy)
+    fast = sample_codes(prior, LAYOUT, 5, labels, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert len(made) == 1 and isinstance(made[0], LlamaDecoder)  # a plain Llama prior gets the fast step
+    monkeypatch.setattr(sampling, "fast_decoder", lambda *args: None)
+    generic = sample_codes(prior, LAYOUT, 5, labels, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert fast.shape == (5, LAYOUT.num_codes)
+    assert torch.equal(fast, generic)
+
+
+class _PriorSubclass(LlamaForCausalLM):
+    """A subclass could change the forward, so it is not taken for a plain Llama prior."""
+
+
+def _unsupported_priors():
+    yield "attention bias", lambda: build_prior("tiny", LAYOUT, attention_bias=True)
+    yield "gelu", lambda: build_prior("tiny", LAYOUT, hidden_act="gelu")
+    yield "linear rope", lambda: build_prior("tiny", LAYOUT, rope_parameters=dict(rope_type="linear", factor=2.0,
+                                                                               rope_theta=10000.0))
+    yield "subclass", lambda: _PriorSubclass(build_prior("tiny", LAYOUT).config)
+
+    def hooked():
+        prior = build_prior("tiny", LAYOUT)
+        prior.model.layers[0].mlp.register_forward_hook(lambda *args: None)
+        return prior
+
+    yield "hook", hooked
+
+
+@pytest.mark.parametrize("make_prior", [make for _, make in _unsupported_priors()],
+                         ids=[name for name, _ in _unsupported_priors()])
+def test_unsupported_priors_fall_back_to_the_transformers_forward(make_prior, monkeypatch):
+    prior = make_prior().eval()
+    assert unsupported_reason(prior) is not None
+    assert sampling.fast_decoder(prior, 2, LAYOUT.num_codes + 1, LAYOUT.codebook_size) is None
+    with pytest.raises(ValueError, match="LlamaDecoder cannot run this prior"):
+        LlamaDecoder(prior, 2, LAYOUT.num_codes + 1, LAYOUT.codebook_size)
+    codes = sample_codes(prior, LAYOUT, 2, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, LAYOUT.num_codes) and codes.max() < LAYOUT.codebook_size
+
+
+def test_draw_one_is_torch_multinomial():
+    """Same generator, same draws, same generator state afterwards: seeds keep their codes."""
+    ours, torchs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for rows in (1, 16, 16, 7):
+        probs = (torch.randn(rows, 300) * 3).softmax(dim=-1)
+        expected = torch.multinomial(probs, 1, generator=torchs).squeeze(1)
+        assert torch.equal(draw_one(probs, ours), expected)
+    assert torch.equal(ours.get_state(), torchs.get_state())
