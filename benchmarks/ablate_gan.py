@@ -2,10 +2,15 @@
 
 Each row trains a `small` VQGAN tokenizer through the real training script (`python -m stage1_tokenizer.train`)
 with the row's VQConfig fields, then reads the GAN's health from its metrics.jsonl (the last quarter of the
-discriminator's steps) and scores its reconstructions on the test split with the project's feature classifier
-(PSNR, FD-classifier). A VQ-VAE row trained on the same budget is the reference.
+discriminator's steps) and scores its reconstructions: images with the project's feature classifier (PSNR,
+FD-classifier), text by byte accuracy. A VQ-VAE row trained on the same budget is the reference.
+
+The rows choose defaults, so they never see the test split that `vqgen compare` reports: with `--holdout N`
+(the default) they train on the train split less its last N records and are scored on those N; a data set
+with a validation split trains on its train split and is scored on the validation split.
 
     python benchmarks/ablate_gan.py --dataset ../shared/data/fashion_mnist [--steps 600 --disc-start 200]
+    python benchmarks/ablate_gan.py --modality text --dataset ../shared/data/tiny_shakespeare --rows taming "vqgen default"
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, print_table, write_json
 
+import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
@@ -41,12 +47,35 @@ ROWS: dict[str, dict] = {
     # Two-time-scale: the discriminator's learning rate 3x the autoencoder's (a training flag, not a config field).
     "vqgen default, D lr x3": {**GAN_RECIPES["vqgen"], "train_flags": ["--disc-learning-rate", "1.2e-3"]},
     "vqgen default, fixed weight 0.01": {**GAN_RECIPES["vqgen"], "disc_weight": 0.01},
+    "vqgen default, D width 64": {**GAN_RECIPES["vqgen"], "disc_channels": 64},
+    "vqgen default, D 3 layers": {**GAN_RECIPES["vqgen"], "disc_layers": 3},
 }
 
 
 def row_folder(root: Path, name: str) -> Path:
     """The run folder of a row: its name as a path-safe slug."""
     return root / name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
+
+
+def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
+    """A copy of `dataset` whose eval split is held-out training data: its validation split if it has one, else
+    the last `holdout` train records (then left out of training). Written once as parquet under `root`."""
+    folder = root / "_held_out_data"
+    if (folder / "test.parquet").is_file():
+        return folder
+    splits = datasets.load_dataset(dataset)
+    train = splits["train"]
+    if "validation" in splits:
+        evaluation = splits["validation"]
+    else:
+        if not 0 < holdout < len(train):
+            raise SystemExit(f"error: --holdout must lie in 1..{len(train) - 1}, got {holdout}")
+        train, evaluation = train.select(range(len(train) - holdout)), train.select(range(len(train) - holdout,
+                                                                                             len(train)))
+    folder.mkdir(parents=True, exist_ok=True)
+    train.to_parquet(folder / "train.parquet")
+    evaluation.to_parquet(folder / "test.parquet")
+    return folder
 
 
 def train_row(args, name: str, fields: dict, folder: Path) -> float:
@@ -57,7 +86,8 @@ def train_row(args, name: str, fields: dict, folder: Path) -> float:
     fields = dict(fields)
     variant = fields.pop("variant", "vqgan")
     flags = fields.pop("train_flags", [])
-    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", args.dataset, "--variant", variant,
+    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", variant,
+               "--modality", args.modality,
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--seed", str(args.seed), "--config", json.dumps(fields),
                "--log-every", "10", "--max-eval-items", "1000", "--output-dir", str(folder), *flags]
@@ -70,28 +100,37 @@ def train_row(args, name: str, fields: dict, folder: Path) -> float:
 def main(args: argparse.Namespace) -> None:
     env = environment(torch.device("cpu"))
     root = Path(args.output_dir)
+    args.data = held_out_dataset(args.dataset, args.holdout, root) if args.holdout else Path(args.dataset)
+    print(f"training on {args.data} (train), scoring on its held-out eval split")
     rows, seconds = [], {}
     for name, fields in ROWS.items():
         if args.rows and name not in args.rows:
             continue
         seconds[name] = train_row(args, name, fields, row_folder(root, name))
-    classifier, info = load_or_train_classifier(args.dataset, 32, 1, args.seed)
-    print(f"feature classifier: test accuracy {info.get('test_accuracy')}")
+    image = args.modality == "image"
+    classifier = None
+    if image:  # trained on the full train split: a fixed judge, the same one `vqgen compare` uses
+        classifier, info = load_or_train_classifier(args.dataset, 32, 1, args.seed)
+        print(f"feature classifier: test accuracy {info.get('test_accuracy')}")
+    scores = ("psnr", "fd_classifier") if image else ("byte_accuracy", "exact_match")
     for name in seconds:
         folder = row_folder(root, name)
         model = VQModel.from_pretrained(folder).eval()
-        recon = reconstruction_metrics(model, args.dataset, classifier, max_items=args.eval_items)
+        recon = reconstruction_metrics(model, str(args.data), classifier, max_items=args.eval_items)
         log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         health = gan_health(log) or {}
-        rows.append({"row": name, **health, "psnr": recon["psnr"], "fd_classifier": recon["fd_classifier"],
-                     "minutes": seconds[name] / 60, "grid": str(sorted((folder / "samples").glob("*.png"))[-1])})
-    table = print_table(f"GAN recipe ablation ({args.steps} steps, GAN from step {args.disc_start}, batch "
-                        f"{args.batch_size}; health over the last quarter of discriminator steps)", [
+        grids = sorted((folder / "samples").glob("*.png"))
+        rows.append({"row": name, **health, **{key: recon[key] for key in scores}, "minutes": seconds[name] / 60,
+                     "grid": str(grids[-1]) if grids else None})
+    recon_columns = ([("psnr", "recon PSNR"), ("fd_classifier", "recon FD-classifier")] if image else
+                     [("byte_accuracy", "byte accuracy"), ("exact_match", "exact match")])
+    table = print_table(f"GAN recipe ablation ({args.dataset}, {args.steps} steps, GAN from step {args.disc_start}, "
+                        f"batch {args.batch_size}; health over the last quarter of discriminator steps; "
+                        f"reconstructions of held-out training data)", [
         ("row", "row"), ("disc_loss", "D hinge loss"), ("disc_acc_real", "D acc. real"),
-        ("disc_acc_fake", "D acc. fake"), ("gan_weight", "GAN weight"), ("psnr", "recon PSNR"),
-        ("fd_classifier", "recon FD-classifier")], rows,
+        ("disc_acc_fake", "D acc. fake"), ("gan_weight", "GAN weight"), *recon_columns], rows,
         digits={"disc_loss": 3, "disc_acc_real": 2, "disc_acc_fake": 2, "gan_weight": 3, "psnr": 2,
-                "fd_classifier": 2, "minutes": 1})
+                "fd_classifier": 2, "byte_accuracy": 4, "exact_match": 3, "minutes": 1})
     write_json(args.output or RESULTS_DIR / "ablate_gan.json", {
         "environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
 
@@ -99,11 +138,15 @@ def main(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(SHARED_DATA / "fashion_mnist"))
+    parser.add_argument("--modality", choices=("image", "text"), default="image")
+    parser.add_argument("--holdout", type=int, default=5000,
+                        help="train records held out for scoring when the data set has no validation split; "
+                             "0 scores on the test split (as before)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--disc-start", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-items", type=int, default=2000, help="test images for the reconstruction metrics")
+    parser.add_argument("--eval-items", type=int, default=2000, help="held-out items for the reconstruction metrics")
     parser.add_argument("--rows", nargs="+", help=f"only these rows (of {list(ROWS)})")
     parser.add_argument("--output-dir", default="runs/ablate_gan")
     parser.add_argument("--output", type=Path)
