@@ -43,6 +43,7 @@ ROWS: dict[str, dict] = {
     "taming + fixed weight 0.02": {**TAMING, "gan_weighting": "fixed", "disc_weight": 0.02},
     "taming + LeCam 0.001": {**TAMING, "lecam_weight": 0.001},
     "vqgen default": GAN_RECIPES["vqgen"],
+    "vqgen default, no centring": {**GAN_RECIPES["vqgen"], "disc_centring_weight": 0.0},
     "vqgen default, adaptive weight": {**GAN_RECIPES["vqgen"], "gan_weighting": "adaptive", "disc_weight": 0.8},
     # Two-time-scale: the discriminator's learning rate 3x the autoencoder's (a training flag, not a config field).
     "vqgen default, D lr x3": {**GAN_RECIPES["vqgen"], "train_flags": ["--disc-learning-rate", "1.2e-3"]},

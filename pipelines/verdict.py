@@ -111,8 +111,8 @@ def is_number(value) -> bool:
 # fell below this (1.0 is chance: logits near 0) and it put most real and most fake patches on their own side.
 SEPARATED_MAX_LOSS = 0.95
 SEPARATED_MIN_ACCURACY = 0.55
-HEALTH_KEYS = ("disc_loss", "logits_real", "logits_fake", "disc_acc_real", "disc_acc_fake", "gan_weight",
-               "adaptive_weight")
+HEALTH_KEYS = ("disc_loss", "logits_real", "logits_fake", "disc_acc_real", "disc_acc_fake", "disc_auc",
+               "gan_weight", "adaptive_weight")
 
 
 def gan_health(log_rows: list[dict]) -> dict | None:

@@ -65,10 +65,10 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 GAN_RECIPES: dict[str, dict[str, Any]] = {
     "taming": dict(disc_norm="batch", disc_init="dcgan", disc_spectral_norm=False, disc_blur=False,
                    disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
-                   lecam_weight=0.0),
+                   lecam_weight=0.0, disc_centring_weight=0.0),
     "vqgen": dict(disc_norm="group", disc_init="default", disc_spectral_norm=False, disc_blur=False,
                   disc_train_start=0, gan_weighting="fixed", disc_weight=0.02, adaptive_weight_max=1e4,
-                  lecam_weight=0.0),
+                  lecam_weight=0.0, disc_centring_weight=1.0),
 }
 
 
@@ -77,7 +77,8 @@ MAX_CODEBOOK_SIZE = 2**20
 MAX_RESOLUTION = 1024
 MAX_SEQ_LEN = 2**16
 NUMBER_FIELDS = ("commitment_beta", "dead_code_threshold", "l1_weight", "l2_weight", "perceptual_weight",
-                 "disc_weight", "adaptive_weight_max", "feature_matching_weight", "lecam_weight")
+                 "disc_weight", "adaptive_weight_max", "feature_matching_weight", "lecam_weight",
+                 "disc_centring_weight")
 
 
 def _check_number(name: str, value: Any) -> None:
@@ -149,6 +150,7 @@ class VQConfig(PretrainedConfig):
         gan_weighting: str = GAN_RECIPES["vqgen"]["gan_weighting"],
         adaptive_weight_max: float = GAN_RECIPES["vqgen"]["adaptive_weight_max"],
         lecam_weight: float = GAN_RECIPES["vqgen"]["lecam_weight"],
+        disc_centring_weight: float = GAN_RECIPES["vqgen"]["disc_centring_weight"],
         feature_matching_weight: float = 0.0,
         class_names: list[str] | None = None,
         **kwargs,
@@ -191,6 +193,7 @@ class VQConfig(PretrainedConfig):
         self.gan_weighting = gan_weighting
         self.adaptive_weight_max = adaptive_weight_max
         self.lecam_weight = lecam_weight
+        self.disc_centring_weight = disc_centring_weight
         self.feature_matching_weight = feature_matching_weight
         self.class_names = class_names
         unknown = sorted(set(kwargs) - _base_config_keys())
@@ -269,7 +272,7 @@ class VQConfig(PretrainedConfig):
         if self.dead_code_threshold < 0:
             raise ValueError(f"dead_code_threshold={self.dead_code_threshold!r} must be >= 0")
         for name in ("l1_weight", "l2_weight", "perceptual_weight", "disc_weight", "feature_matching_weight",
-                     "lecam_weight"):
+                     "lecam_weight", "disc_centring_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.perceptual_depth not in range(1, 6):

@@ -116,6 +116,26 @@ def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, logit_em
     return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
+def centring_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The squared common offset of the real and fake logits: ((mean D(real) + mean D(fake)) / 2)^2.
+
+    While the logits lie inside the hinge's margin, the hinge loss depends only on their difference, so their
+    common offset drifts freely and 0 stops being the discriminator's decision threshold. This term pins the
+    offset (its gradient leaves the difference untouched).
+    """
+    return (0.5 * (logits_real.mean() + logits_fake.mean())).pow(2)
+
+
+def separation_auc(logits_real: torch.Tensor, logits_fake: torch.Tensor, max_patches: int = 2048) -> torch.Tensor:
+    """The probability that a real patch scores above a reconstructed one (ties count half): the discriminator's
+    separation, whatever its threshold; 0.5 is chance. At most `max_patches` of each side (evenly strided)."""
+    real, fake = logits_real.detach().flatten(), logits_fake.detach().flatten()
+    real = real[:: max(1, real.numel() // max_patches)]
+    fake = fake[:: max(1, fake.numel() // max_patches)]
+    above = (real[:, None] > fake[None, :]).float().mean()
+    return above + 0.5 * (real[:, None] == fake[None, :]).float().mean()
+
+
 def adaptive_gan_weight(
     rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float
 ) -> torch.Tensor:
@@ -253,10 +273,12 @@ class TokenizerObjective(nn.Module):
     def discriminator_loss(
         self, reconstruction: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Hinge loss (+ LeCam) on detached reconstructions vs real inputs (through `discriminator`, e.g. DDP-wrapped).
+        """Hinge loss (+ centring, + LeCam) on detached reconstructions vs real inputs (through `discriminator`,
+        e.g. DDP-wrapped).
 
-        The logs are the GAN's health: the hinge loss, the mean logits and the share of real and of fake patches
-        on the right side of 0 (a discriminator that separates nothing sits at loss 1.0 and accuracy ~50%).
+        The logs are the GAN's health: the hinge loss, the mean logits, the share of real and of fake patches
+        on the right side of 0 and the threshold-free separation AUC (a discriminator that separates nothing sits
+        at loss 1.0, accuracy ~50% and AUC 0.5).
         """
         discriminator = discriminator or self.discriminator
         logits_real = discriminator(target).float()
@@ -268,8 +290,11 @@ class TokenizerObjective(nn.Module):
             "logits_fake": logits_fake.mean().detach(),
             "disc_acc_real": (logits_real > 0).float().mean(),
             "disc_acc_fake": (logits_fake < 0).float().mean(),
+            "disc_auc": separation_auc(logits_real, logits_fake),
         }
         loss = hinge
+        if self.config.disc_centring_weight > 0:
+            loss = loss + self.config.disc_centring_weight * centring_penalty(logits_real, logits_fake)
         if self.config.lecam_weight > 0:
             lecam = lecam_penalty(logits_real, logits_fake, self.discriminator.logit_ema)
             logs["lecam_loss"] = lecam.detach()

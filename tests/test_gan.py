@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from pipelines.verdict import gan_health
 from stage1_tokenizer.configuration import GAN_RECIPES, VQConfig
 from stage1_tokenizer.discriminator import PatchDiscriminator
-from stage1_tokenizer.losses import TokenizerObjective, lecam_penalty
+from stage1_tokenizer.losses import TokenizerObjective, centring_penalty, lecam_penalty, separation_auc
 from stage1_tokenizer.train import build_models, train_step
 from stage1_tokenizer.train_utils import NonFiniteGuard
 
@@ -104,6 +104,26 @@ def test_lecam_penalty_pulls_towards_the_other_sides_ema():
     torch.testing.assert_close(ema, torch.tensor([1.5, -1.5]))
     assert float(penalty) == pytest.approx(2 * 3.5**2)
     assert float(lecam_penalty(torch.full((4,), -5.0), torch.full((4,), 5.0), ema)) == 0.0  # no push when inverted
+
+
+def test_centring_pins_the_common_offset_and_leaves_the_gap_alone():
+    real = torch.tensor([0.1, 0.3], requires_grad=True)
+    fake = torch.tensor([-0.5, -0.7], requires_grad=True)
+    penalty = centring_penalty(real, fake)  # means 0.2 and -0.6: offset -0.2
+    assert float(penalty.detach()) == pytest.approx(0.04)
+    penalty.backward()
+    # The same push on every logit of both sides (upwards, towards offset 0): the real-fake gap gets no gradient.
+    torch.testing.assert_close(real.grad, torch.full((2,), -0.1))
+    torch.testing.assert_close(fake.grad, torch.full((2,), -0.1))
+    assert float(centring_penalty(torch.tensor([2.0, 1.0]), torch.tensor([-1.0, -2.0]))) == 0.0
+
+
+def test_separation_auc_ignores_the_threshold():
+    real, fake = torch.tensor([0.2, 0.4, -0.1]), torch.tensor([-0.3, 0.0, -0.5])
+    # 8 of the 9 (real, fake) pairs rank the real patch higher: -0.1 < 0.0 is the one inversion.
+    assert float(separation_auc(real, fake)) == pytest.approx(8 / 9)
+    assert float(separation_auc(real - 5, fake - 5)) == pytest.approx(8 / 9)  # all below 0: same separation
+    assert float(separation_auc(torch.zeros(4), torch.zeros(4))) == pytest.approx(0.5)
 
 
 def test_fixed_weighting_uses_the_constant_and_logs_no_adaptive_weight():
