@@ -1,10 +1,18 @@
-"""Sampling speed of `VQPipeline.generate`: tokens/s for 16x16 and 32x32 code grids at batch 1 and 16, with the
-KV cache (the default: transformers' growing dynamic cache), with a preallocated StaticCache ("static cache",
-`static_cache=True`), without a cache (`use_cache=False`) and with classifier-free guidance
-(guidance_scale=2), on a randomly
-initialised class-conditional `small` prior and a `small` tokenizer whose latent grid matches.
+"""Sampling speed on a randomly initialised class-conditional `small` prior (a transformers LlamaForCausalLM) and a
+`small` tokenizer whose latent grid matches: tokens/s for 16x16 and 32x32 code grids at batch 1 and 16.
 
-    python benchmarks/bench_sampling.py [--quick] [--output PATH]
+Two tables. "pipeline": `VQPipeline.generate` with the KV cache (the default: vqgen's own decode step,
+stage2_prior/llama_decoder.py), with a preallocated transformers StaticCache ("static cache", `static_cache=True`),
+without a cache (`use_cache=False`) and with classifier-free guidance (guidance_scale=2).
+"generate": the sampler alone against transformers' own `LlamaForCausalLM.generate()` on the same prior, same
+batch, same number of codes: KV cache, do_sample=True, top_k=0, temperature 1, generate() restricted to code tokens
+by `suppress_tokens` (as vqgen draws only codes), guidance through generate()'s own `guidance_scale` with
+`negative_prompt_ids` = the null class (transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor: a second,
+unbatched forward per step on log-softmaxed logits, which after restriction to codes is the same distribution as
+vqgen's u + s (c - u)). A third sampler row, "vqgen, transformers forward", is vqgen's loop with its decode step
+switched off (the prior's own forward and transformers' dynamic cache: vqgen's path before it had its own step).
+
+    python benchmarks/bench_sampling.py [--quick] [--tables pipeline generate] [--output PATH]
 
 The no-cache 32x32 runs would take many minutes; they are estimated instead: the no-cache forward (the whole
 sequence so far, every step) is timed at a few sequence lengths and integrated over all steps. The same estimate
@@ -14,7 +22,11 @@ is printed next to the measured 16x16 runs, so its accuracy can be read off the 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+from contextlib import nullcontext
+from unittest import mock
 
 from _common import (
     RESULTS_DIR, Timer, apply_run_options, environment, median, pick_device, print_table, write_json,
@@ -28,11 +40,15 @@ from stage1_tokenizer.configuration import VQConfig  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402
 from stage1_tokenizer.train_utils import tune_allocator  # noqa: E402
 from stage2_prior.modeling import TokenLayout, build_prior  # noqa: E402
-from stage2_prior.sampling import _forward  # noqa: E402
+from stage2_prior import sampling  # noqa: E402
+from stage2_prior.sampling import _forward, sample_codes  # noqa: E402
 
 NUM_CLASSES = 10
 GUIDANCE = 2.0
 MODES = ("cache", "CFG", "static cache", "no cache")
+# Sampler modes of the "generate" table: (sampler, guided).
+SAMPLERS = ("vqgen", "generate()", "vqgen, transformers forward")
+SAMPLER_MODES = tuple((sampler, guided) for sampler in SAMPLERS for guided in (False, True))
 
 
 def make_pipeline(side: int, device: torch.device) -> VQPipeline:
@@ -48,14 +64,75 @@ def make_pipeline(side: int, device: torch.device) -> VQPipeline:
 
 
 def generate(pipe: VQPipeline, batch: int, mode: str, device: torch.device):
-    """One timed generate() call; returns (seconds, codes). "cache" is the default (transformers' growing dynamic
-    cache), "static cache" a preallocated StaticCache (`static_cache=True`)."""
+    """One timed generate() call; returns (seconds, codes). "cache" is the default (vqgen's decode step with its
+    preallocated cache), "static cache" transformers' forward with its StaticCache (`static_cache=True`)."""
     kwargs = dict(num_samples=batch, class_labels=[3] * batch, seed=0, output_type="pt")
     if mode == "CFG":
         kwargs["guidance_scale"] = GUIDANCE
     with Timer(device) as timer:
         out = pipe.generate(use_cache=mode != "no cache", static_cache=mode == "static cache", **kwargs)
     return timer.wall, out.codes
+
+
+@torch.no_grad()
+def sample(pipe: VQPipeline, batch: int, sampler: str, guided: bool, device: torch.device):
+    """One timed draw of `batch` code grids by `sampler`; returns (seconds, codes (batch, num_codes))."""
+    layout, prior = pipe.layout, pipe.prior
+    labels = torch.full((batch,), 3)
+    scale = GUIDANCE if guided else 1.0
+    if sampler == "generate()":
+        condition = layout.condition_tokens(labels, batch).unsqueeze(1).to(device)  # (B, 1)
+        guidance = dict(guidance_scale=scale, negative_prompt_ids=torch.full_like(condition, layout.null_token)) \
+            if guided else {}
+        torch.manual_seed(0)
+        with Timer(device) as timer:
+            out = prior.generate(
+                input_ids=condition, attention_mask=torch.ones_like(condition), max_new_tokens=layout.num_codes,
+                min_new_tokens=layout.num_codes, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, use_cache=True,
+                suppress_tokens=list(range(layout.codebook_size, layout.vocab_size)), eos_token_id=None,
+                pad_token_id=layout.null_token, **guidance)
+        return timer.wall, out[:, 1:]
+    generic = mock.patch.object(sampling, "fast_decoder", lambda *args: None) if sampler != "vqgen" else nullcontext()
+    with generic, Timer(device) as timer:
+        codes = sample_codes(prior, layout, batch, labels, guidance_scale=scale,
+                             generator=torch.Generator().manual_seed(0))
+    return timer.wall, codes
+
+
+def compare_with_generate(args, pipes: dict, device: torch.device) -> tuple[list[dict], dict, str]:
+    """Interleaved repeats of the sampler modes; rows with tokens/s and the ratios vqgen / generate()."""
+    cases = [(side, batch, sampler, guided) for side in args.grids for batch in args.batches
+             for sampler, guided in SAMPLER_MODES]
+    for side, pipe in pipes.items():
+        for sampler in SAMPLERS:  # warm-up
+            sample(pipe, 1, sampler, True, device)
+    measured = {case: [] for case in cases}
+    for repeat in range(args.repeats):
+        for case in cases:
+            seconds, codes = sample(pipes[case[0]], case[1], case[2], case[3], device)
+            assert codes.shape == (case[1], case[0] ** 2) and int(codes.max()) < pipes[case[0]].layout.codebook_size
+            measured[case].append(seconds)
+            print(f"  {case[0]}x{case[0]} batch {case[1]:2d} {case[2]:27s} {'CFG' if case[3] else '   '}: "
+                  f"{seconds:7.2f}s", flush=True)
+    rows, targets = [], {}
+    for side, batch, sampler, guided in cases:
+        seconds = median(measured[(side, batch, sampler, guided)])
+        reference = median(measured[(side, batch, "generate()", guided)])
+        rows.append({"grid": f"{side}x{side}", "batch": batch, "sampler": sampler,
+                     "guidance": GUIDANCE if guided else 1.0, "seconds": seconds,
+                     "tokens_per_s": batch * side * side / seconds, "vs_generate": reference / seconds,
+                     "runs": measured[(side, batch, sampler, guided)]})
+        if sampler == "vqgen":
+            targets[f"vqgen_vs_generate_{side}x{side}_batch_{batch}{'_cfg' if guided else ''}"] = reference / seconds
+    columns = [("grid", "grid"), ("batch", "batch"), ("sampler", "sampler"), ("guidance", "guidance"),
+               ("seconds", "s / draw"), ("tokens_per_s", "tokens/s"), ("vs_generate", "speed vs generate()")]
+    table = print_table(f"sampler vs transformers generate(), random `small` prior (medians of {args.repeats}, "
+                        f"interleaved)", columns, rows,
+                        digits={"guidance": 0, "seconds": 2, "tokens_per_s": 0, "vs_generate": 2})
+    for name, ratio in targets.items():
+        print(f"target: vqgen >= 2x generate() tokens/s, {name}: {'MET' if ratio >= 2 else 'NOT MET'} "
+              f"({ratio:.2f}x)")
+    return rows, targets, table
 
 
 @torch.no_grad()
@@ -81,7 +158,21 @@ def main(args: argparse.Namespace) -> None:
     env = environment(device)
     print(f"sampling benchmark: random `small` prior, {NUM_CLASSES} classes, {args.repeats} repeat(s), "
           f"{env['torch_threads']} thread(s), {env['cpu']}; load average {env['load_average_at_start']}", flush=True)
-    rows, codes, pipes = [], {}, {side: make_pipeline(side, device) for side in args.grids}
+    pipes = {side: make_pipeline(side, device) for side in args.grids}
+    assert all(type(pipe.prior).__name__ == "LlamaForCausalLM" for pipe in pipes.values())
+    result = {"benchmark": "bench_sampling", "environment": env, "guidance_scale": GUIDANCE, "repeats": args.repeats}
+    if "generate" in args.tables:
+        rows, targets, table = compare_with_generate(args, pipes, device)
+        result.update(generate_rows=rows, generate_targets=targets, generate_table_markdown=table)
+    if "pipeline" in args.tables:
+        result.update(pipeline_table(args, pipes, device))
+    result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(args.output, result)
+
+
+def pipeline_table(args: argparse.Namespace, pipes: dict, device: torch.device) -> dict:
+    """The VQPipeline.generate modes (KV cache, CFG, static cache, no cache): rows, targets and table."""
+    rows, codes = [], {}
     for side, pipe in pipes.items():
         pipe.generate(num_samples=1, class_labels=[0], seed=0, output_type="pt")  # warm-up
     cases = [(side, batch, mode) for side in args.grids for batch in args.batches
@@ -128,7 +219,8 @@ def main(args: argparse.Namespace) -> None:
         if mode == "static cache":
             same = torch.equal(codes[(side, batch, "cache")], codes[(side, batch, mode)])
             equal_codes[f"{side}x{side} batch {batch} static vs dynamic cache"] = bool(same)
-            print(f"static and dynamic caches give equal codes, {side}x{side} batch {batch}: {same}")
+            print(f"static cache (transformers forward) and default path give equal codes, {side}x{side} batch {batch}: "
+                  f"{same}")
     by_case = {(r["grid"], r["batch"], r["mode"]): r for r in rows}
     targets = {}
     key = ("16x16", 16)
@@ -143,17 +235,18 @@ def main(args: argparse.Namespace) -> None:
             targets[f"cfg_cost_{side}x{side}_batch_{batch}"] = cost
             print(f"target: CFG <= 1.3x unguided, {side}x{side} batch {batch}: {'MET' if cost <= 1.3 else 'NOT MET'} "
                   f"({cost:.2f}x)")
-    write_json(args.output, {"benchmark": "bench_sampling", "environment": env, "guidance_scale": GUIDANCE,
-                             "repeats": args.repeats, "rows": rows, "equal_codes_cached_vs_uncached": equal_codes,
-                             "targets": targets, "table_markdown": table})
+    return {"rows": rows, "equal_codes_cached_vs_uncached": equal_codes, "targets": targets, "table_markdown": table}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 repeat of each run (about 2 minutes)")
+    parser.add_argument("--tables", nargs="+", choices=("generate", "pipeline"), default=["generate", "pipeline"],
+                        help="which tables to measure (default both)")
     parser.add_argument("--grids", type=int, nargs="+", default=[16, 32], help="code grid sides")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--repeats", type=int, help="interleaved repeats of the cached and CFG runs (default 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats of the cached, CFG and generate() runs "
+                        "(default 3)")
     parser.add_argument("--no-cache-repeats", type=int, help="repeats of the measured no-cache runs (default 2)")
     parser.add_argument("--max-no-cache-side", type=int, help="measure no-cache runs only up to this grid side; "
                         "larger ones are estimated (default 16)")

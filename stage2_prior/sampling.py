@@ -33,15 +33,17 @@ def draw_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 
     torch.multinomial draws one sample as argmax(p / q) with q ~ Exp(1) (the exponential race, a Gumbel-max
     trick), after input checks that each cost a synchronising reduction. This is that draw without the checks,
-    consuming the generator identically, so seeds keep their codes (tests/test_stage2.py pins the equality).
+    consuming the generator identically, so seeds keep their codes (tests/test_llama_decoder.py pins that).
     """
     noise = torch.empty_like(probs).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
 
 
-# The default KV cache is transformers' dynamic one, which grows by concatenation. `static_cache=True` preallocates a
-# StaticCache and writes in place instead (what torch.compile / CUDA graphs want). On CPU it does not pay off,
-# since attention then always spans the whole preallocated length (benchmarks/README.md, bench_sampling.py).
+# KV caches. By default a plain Llama prior runs LlamaDecoder's step, whose preallocated cache is written in place
+# and attended up to the current position only. Other priors get transformers' dynamic cache, which grows by
+# concatenation. `static_cache=True` runs the prior's forward with a preallocated transformers StaticCache (what
+# torch.compile / CUDA graphs want); on CPU it does not pay off, since its attention always spans the whole
+# preallocated length (benchmarks/README.md, bench_sampling.py).
 
 
 def make_static_cache(prior: PreTrainedModel, rows: int, max_len: int):
