@@ -64,32 +64,39 @@ class LlamaDecoder:
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embedding = weight
+        # Query and key features are stored with each head's two halves interleaved, (x1_0, x2_0, x1_1, x2_1, ...):
+        # the same permutation of q and k leaves every q.k unchanged, and makes rotate_half a complex product.
+        half = self.head_dim // 2
+        interleave = torch.arange(self.head_dim).view(2, half).t().reshape(-1)  # (d,)
         self.layers = []
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+            query = attention.q_proj.weight.unflatten(0, (self.num_heads, self.head_dim))[:, interleave].flatten(0, 1)
+            key = attention.k_proj.weight.unflatten(0, (self.num_kv_heads, self.head_dim))[:, interleave].flatten(0, 1)
+            qkv = torch.cat([query, key, attention.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             # Each RMSNorm's gain is folded into the matmul after it: (n * g) W^T = n (W diag(g))^T.
             # Weights are stored transposed and contiguous, (in, out): mm's fastest layout for a few rows.
             self.layers.append(dict(
-                input_eps=layer.input_layernorm.variance_epsilon,
+                input_eps=_column(layer.input_layernorm.variance_epsilon, device),
                 qkv_t=(qkv * layer.input_layernorm.weight).t().contiguous(),  # (D, (H + 2 Hkv) d)
                 out_t=attention.o_proj.weight.t().contiguous(),  # (H d, D)
-                post_eps=layer.post_attention_layernorm.variance_epsilon,
+                post_eps=_column(layer.post_attention_layernorm.variance_epsilon, device),
                 gate_up_t=(gate_up * layer.post_attention_layernorm.weight).t().contiguous(),  # (D, 2 I)
                 down_t=mlp.down_proj.weight.t().contiguous(),  # (I, D)
             ))
-        self.final_eps = model.norm.variance_epsilon
+        self.final_eps = _column(model.norm.variance_epsilon, device)
         # Only the first num_logits vocabulary rows can be drawn (code tokens), so only they are computed.
         self.head_t = (prior.lm_head.weight[:num_logits] * model.norm.weight).t().contiguous()  # (D, num_logits)
         self.head_bias = None if prior.lm_head.bias is None else prior.lm_head.bias[:num_logits]
         # The model's own rotary module makes the tables, so they equal what its forward uses.
         positions = torch.arange(max_len, device=device).unsqueeze(0)
         cos, sin = model.rotary_emb(weight[:1].unsqueeze(0), positions)  # (1, T, d) each
-        half = self.head_dim // 2
-        # rotate_half(x) = cat(-x2, x1) = swapped halves times (-1, +1): the sign is folded into the sin table.
-        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=device, dtype=dtype)
-        self.cos, self.signed_sin = cos[0], sin[0] * sign  # (T, d)
+        # x cos + rotate_half(x) sin on a pair (x1_i, x2_i) is (x1_i + i x2_i) (cos_i + i sin_i).
+        self.rotation = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())  # (T, d/2)
+        # RMSNorm's mean square as a matmul with a column of 1/D, plus eps, in one addmm.
+        self.mean_column = torch.full((config.hidden_size, 1), 1.0 / config.hidden_size, device=device,
+                                      dtype=torch.float32)
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
         self.keys = torch.empty(shape, device=device, dtype=dtype)  # (L, R, Hkv, T, d); only [:position+1] is read
         self.values = torch.empty(shape, device=device, dtype=dtype)
@@ -102,13 +109,11 @@ class LlamaDecoder:
         rows = tokens.shape[0]
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         qk_width = (heads + kv_heads) * dim
-        cos, signed_sin = self.cos[position], self.signed_sin[position]  # (d,)
+        rotation = self.rotation[position]  # (d/2,) complex
         x = F.embedding(tokens, self.embedding)  # (R, D)
         for layer, (keys, values) in zip(self.layers, self.caches):
-            qkv = torch.mm(_normalized(x, layer["input_eps"]), layer["qkv_t"])  # (R, (H + 2 Hkv) d)
-            qk = qkv[:, :qk_width].view(rows, heads + kv_heads, dim)
-            # Rotary embedding of queries and keys together: x cos + rotate_half(x) sin.
-            qk = torch.addcmul(qk * cos, qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2), signed_sin)
+            qkv = torch.mm(self._normalized(x, layer["input_eps"]), layer["qkv_t"])  # (R, (H + 2 Hkv) d)
+            qk = _rotate(qkv[:, :qk_width].view(rows, heads + kv_heads, dim), rotation)  # queries and keys
             keys.select(2, position).copy_(qk[:, heads:])
             values.select(2, position).copy_(qkv[:, qk_width:].view(rows, kv_heads, dim))
             attended = F.scaled_dot_product_attention(
@@ -116,14 +121,27 @@ class LlamaDecoder:
                 enable_gqa=self.gqa,
             )  # (R, H, 1, d): one query over every cached position, so no mask
             x = torch.addmm(x, attended.view(rows, heads * dim), layer["out_t"])
-            gate, up = torch.mm(_normalized(x, layer["post_eps"]), layer["gate_up_t"]).chunk(2, dim=-1)
+            gate, up = torch.mm(self._normalized(x, layer["post_eps"]), layer["gate_up_t"]).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate).mul_(up), layer["down_t"])
-        logits = torch.mm(_normalized(x, self.final_eps), self.head_t)
+        logits = torch.mm(self._normalized(x, self.final_eps), self.head_t)
         return logits if self.head_bias is None else logits.add_(self.head_bias)
 
 
-def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its gain (folded into the next matmul), in float32 like LlamaRMSNorm: (R, D) -> (R, D)."""
+    def _normalized(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """RMSNorm without its gain (folded into the next matmul), in float32 like LlamaRMSNorm: (R, D) -> (R, D)."""
+        if x.dtype != torch.float32:
+            return self._normalized(x.float(), eps).to(x.dtype)
+        return x * torch.addmm(eps, x * x, self.mean_column).rsqrt_()  # eps: (1, 1), a tensor to spare a scalar copy
+
+
+def _column(value: float, device: torch.device) -> torch.Tensor:
+    """A (1, 1) float32 tensor holding `value`."""
+    return torch.full((1, 1), value, device=device, dtype=torch.float32)
+
+
+def _rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (R, heads, d) features stored as interleaved pairs, by complex (d/2,) factors."""
     if x.dtype != torch.float32:
-        return _normalized(x.float(), eps).to(x.dtype)
-    return x * x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()
+        return _rotate(x.float(), rotation).to(x.dtype)
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (R, heads, d/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2)
