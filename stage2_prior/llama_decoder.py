@@ -1,13 +1,14 @@
 """A one-token decode step for a Llama prior that calls its weights directly, with a preallocated KV cache.
 
-Sampling a code grid is one forward per token. At the `small` prior's size a step is ~50 MFLOP per row, so
+Sampling a code grid is one forward per token. At the `small` prior's size a step is ~7 MFLOP per row, so
 transformers' per-call work (mask and cache objects, output dataclasses, three q/k/v and two gate/up matmuls,
-rotary embeddings recomputed every step; ~700 tensor ops a step) costs more than the arithmetic. This step
-runs ~15 ops a layer: fused QKV and gate/up weights made once, rotary tables precomputed, keys and values
-written in place, one `scaled_dot_product_attention` call, logits for the code tokens only.
+rotary embeddings recomputed every step, a cache grown by concatenation; ~260 tensor ops a step, ~870 counting
+the ones they call) costs as much as the arithmetic. This step runs ~20 ops a layer: fused QKV and gate/up
+weights made once with the RMSNorm gains folded in, rotary factors precomputed, keys and values written in place,
+one `scaled_dot_product_attention` call, logits for the code tokens only.
 
-It computes what `LlamaForCausalLM.forward` computes, up to float rounding; tests/test_stage2.py checks its
-logits against the transformers forward. `LlamaDecoder.supports` says which priors it handles; for any other
+It computes what `LlamaForCausalLM.forward` computes, up to float rounding; tests/test_llama_decoder.py checks
+its logits against the transformers forward. `unsupported_reason` says which priors it cannot run; for those
 the sampler keeps the transformers forward.
 """
 
@@ -125,7 +126,6 @@ class LlamaDecoder:
             x = torch.addmm(x, F.silu(gate).mul_(up), layer["down_t"])
         logits = torch.mm(self._normalized(x, self.final_eps), self.head_t)
         return logits if self.head_bias is None else logits.add_(self.head_bias)
-
 
     def _normalized(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """RMSNorm without its gain (folded into the next matmul), in float32 like LlamaRMSNorm: (R, D) -> (R, D)."""

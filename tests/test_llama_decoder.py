@@ -60,6 +60,17 @@ def test_decode_step_matches_transformers_forward(make_prior, batch, guided):
     torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_step_runs_a_bfloat16_prior_within_its_rounding():
+    prior = random_prior().to(torch.bfloat16)
+    tokens = LAYOUT.condition_tokens(torch.tensor([0, 1, -1]), 3)
+    decoder = LlamaDecoder(prior, 3, LAYOUT.num_codes + 1, LAYOUT.codebook_size)
+    with torch.no_grad():
+        expected = prior(input_ids=tokens.unsqueeze(1)).logits[:, -1, : LAYOUT.codebook_size]
+    logits = decoder.step(tokens, 0)
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=2e-2)  # bf16 keeps ~3 digits
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(guidance_scale=3.0), dict(temperature=0), dict(top_k=5),
                                     dict(top_p=0.8, temperature=1.5)], ids=["t1", "cfg", "greedy", "topk", "topp"])
 def test_fast_and_transformers_paths_draw_the_same_codes(kwargs, monkeypatch):
