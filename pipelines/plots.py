@@ -74,11 +74,12 @@ def _curve_figure(panels: list[tuple[str, str, dict[str, tuple[list[int], list[f
     return figure
 
 
-HEALTH_COLORS = {"real": "#1a7f37", "fake": "#d95f02"}
+HEALTH_COLORS = {"real": "#1a7f37", "fake": "#d95f02", "separation AUC": "#6f42c1"}
 
 
 def _gan_health_figure(rows: list[dict]):
-    """VQGAN's discriminator over its steps: hinge loss, mean logits and accuracy on real and fake, GAN weight."""
+    """VQGAN's discriminator over its steps: hinge loss, mean logits, accuracy on real and fake and the
+    threshold-free separation AUC, GAN weight."""
     from matplotlib.figure import Figure
 
     loss_steps, loss = _series(rows, "disc_loss")
@@ -89,7 +90,8 @@ def _gan_health_figure(rows: list[dict]):
         ("discriminator hinge loss (1.0 = chance)", {"hinge loss": (loss_steps, loss)}, 1.0),
         ("mean logit", {"real": _series(rows, "logits_real"), "fake": _series(rows, "logits_fake")}, 0.0),
         ("share of patches classified right", {"real": _series(rows, "disc_acc_real"),
-                                               "fake": _series(rows, "disc_acc_fake")}, 0.5),
+                                               "fake": _series(rows, "disc_acc_fake"),
+                                               "separation AUC": _series(rows, "disc_auc")}, 0.5),
         (f"GAN weight ({weight_key})", {weight_key: _series(rows, weight_key)}, None),
     ]
     figure = Figure(figsize=(5.0 * len(panels), 3.3), layout="constrained")

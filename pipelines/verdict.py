@@ -128,14 +128,20 @@ def gan_health(log_rows: list[dict]) -> dict | None:
     return health
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def gan_health_sentence(health) -> str:
     """A sentence on whether VQGAN's discriminator separated real from reconstructed images ('' without data)."""
     if not isinstance(health, dict) or not is_number(health.get("disc_loss")):
         return ""
     accuracy = (f", accuracy {health['disc_acc_real']:.0%} on real and {health['disc_acc_fake']:.0%} on "
                 "reconstructed patches" if is_number(health.get("disc_acc_real")) else "")
-    figures = (f"hinge loss {health['disc_loss']:.3f}{accuracy} over the last quarter of its steps; "
-               "1.0 and 50% are chance")
+    auc = f", separation AUC {health['disc_auc']:.2f}" if is_number(health.get("disc_auc")) else ""
+    figures = (f"hinge loss {health['disc_loss']:.3f}{accuracy}{auc} over the last quarter of its steps; "
+               f"{_and(['1.0'] + ['50%'] * bool(accuracy) + ['0.5'] * bool(auc))} "
+               f"{'are' if accuracy or auc else 'is'} chance")
     if health.get("separated"):
         return f"VQGAN's discriminator separated real from reconstructed images ({figures})."
     return (f"**VQGAN's discriminator never separated real from reconstructed images** ({figures}), so its "
