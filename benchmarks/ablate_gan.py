@@ -127,7 +127,7 @@ def main(args: argparse.Namespace) -> None:
                      [("byte_accuracy", "byte accuracy"), ("exact_match", "exact match")])
     table = print_table(f"GAN recipe ablation ({args.dataset}, {args.steps} steps, GAN from step {args.disc_start}, "
                         f"batch {args.batch_size}; health over the last quarter of discriminator steps; "
-                        f"reconstructions of held-out training data)", [
+                        f"reconstructions of {'held-out training data' if args.holdout else 'the test split'})", [
         ("row", "row"), ("disc_loss", "D hinge loss"), ("disc_acc_real", "D acc. real"),
         ("disc_acc_fake", "D acc. fake"), ("gan_weight", "GAN weight"), *recon_columns], rows,
         digits={"disc_loss": 3, "disc_acc_real": 2, "disc_acc_fake": 2, "gan_weight": 3, "psnr": 2,
