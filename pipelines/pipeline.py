@@ -188,8 +188,10 @@ class VQPipeline:
         class_labels: one label per sample (or one int for all); None samples the null class
         (unconditional) on a conditional prior. guidance_scale: classifier-free guidance
         strength (1.0 = off). seed: equal seeds give equal samples. batch_size: samples per forward pass
-        (default 256, so memory stays bounded for any num_samples). use_cache / static_cache: the KV cache (on by
-        default) and whether it is preallocated (off by default: see stage2_prior.sampling).
+        (default 256, so memory stays bounded for any num_samples). use_cache (on by default) decodes with a KV
+        cache, through vqgen's own decode step for plain Llama priors; static_cache=True, or use_cache=False, runs
+        transformers' forward instead (with its preallocated StaticCache, or with no cache). All three give the
+        same codes for a seed: see stage2_prior.sampling.
         """
         labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
                                            batch_size, output_type, seed)
