@@ -20,10 +20,11 @@ from .losses import TokenizerObjective
 from .modeling import VQModel
 from .threads import rebalance_threads, set_torch_threads
 from .train_utils import (
+    LogWindow,
     MetricsLogger,
     NonFiniteGuard,
-    check_compile_available,
     catch_interrupts,
+    check_compile_available,
     check_run_identity,
     claim_output_dir,
     mixed_precision_mode,
@@ -220,21 +221,23 @@ def main(args: TokenizerTrainingArguments) -> None:
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc=f"{config.variant} tokenizer", dynamic_ncols=True)
-    tick, data_iter = time.time(), iter(loader)
+    tick, data_iter, window = time.time(), iter(loader), LogWindow()
     interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
         if args.hflip and config.modality == "image":
             images = hflip(images, step, args.seed)
         logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)
+        if logs is not None:
+            window.add(logs)
         step += 1
         rebalance_threads()
         progress.update(1)
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
             raise guard.stop(step, "lower the learning rate or check the data")
-        if logs is not None and (step % log_every == 0 or step == args.max_steps):
-            logs = reduce_logs(accelerator, logs)
+        if window.sums and (step % log_every == 0 or step == args.max_steps):
+            logs = reduce_logs(accelerator, window.mean())
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
                                     "nonfinite_skipped": guard.total, "threads": torch.get_num_threads()})
             progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")

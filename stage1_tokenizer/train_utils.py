@@ -496,6 +496,33 @@ def save_pretrained_atomic(model, output_dir: Path) -> None:
     staging.rmdir()
 
 
+class LogWindow:
+    """Running means of a step's tensor logs between two log rows, so a row describes its whole window (as
+    transformers' Trainer logs its loss), not the one batch that happened to fall on the log step.
+
+    A key is averaged over the steps that logged it (the discriminator's, for instance, only once it trains);
+    non-tensor values keep their latest value. Sums stay on the device until `mean()`, so no step waits on them.
+    """
+
+    def __init__(self):
+        self.sums, self.counts, self.latest = {}, {}, {}
+
+    def add(self, logs: dict) -> None:
+        for key, value in logs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().reshape(())
+                self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+                self.counts[key] = self.counts.get(key, 0) + 1
+            else:
+                self.latest[key] = value
+
+    def mean(self) -> dict:
+        """The window's means (tensors) and latest plain values; empties the window."""
+        means = {**self.latest, **{key: total / self.counts[key] for key, total in self.sums.items()}}
+        self.sums, self.counts, self.latest = {}, {}, {}
+        return means
+
+
 def reduce_logs(accelerator, logs: dict) -> dict:
     """Average tensor-valued metrics over all processes (a collective: every process must call it)."""
     if accelerator.num_processes == 1:

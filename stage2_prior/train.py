@@ -22,6 +22,7 @@ from stage1_tokenizer.loading import load_strict
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
 from stage1_tokenizer.train_utils import (
+    LogWindow,
     MetricsLogger,
     NonFiniteGuard,
     catch_interrupts,
@@ -136,7 +137,7 @@ def main(args: PriorTrainingArguments) -> None:
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="prior", dynamic_ncols=True)
     prior.train()
-    tick = time.time()
+    tick, window = time.time(), LogWindow()
     interrupts = catch_interrupts(accelerator, checkpoint_dir, args.keep_checkpoints, args.max_steps)
     while step < args.max_steps:
         index = torch.tensor(next(sampler))
@@ -145,6 +146,7 @@ def main(args: PriorTrainingArguments) -> None:
         with accelerator.autocast():
             loss = train_loss(prior, sequence)
         if guard.check(loss):
+            window.add({"loss": loss})
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(prior.parameters(), args.grad_clip)
@@ -160,7 +162,7 @@ def main(args: PriorTrainingArguments) -> None:
         if step % every["eval_every"] == 0 or step == args.max_steps:
             row.update(validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional))
         if step % every["log_every"] == 0 or row:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean")
+            loss_value = accelerator.reduce(window.mean().get("loss", loss.detach().float()), reduction="mean")
             row = logger.log(step, {"loss": loss_value, "bits_per_code": loss_value / math.log(2),
                                     "lr": scheduler.get_last_lr()[0], "nonfinite_skipped": guard.total,
                                     "step_time": (time.time() - tick) / every["log_every"], **row})

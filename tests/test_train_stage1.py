@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from stage1_tokenizer import TOKENIZER_PRESETS, VQModel
 from stage1_tokenizer.train import cli
+from stage1_tokenizer.train_utils import LogWindow
 
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1797 digits
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -413,3 +414,28 @@ def test_negative_disc_grad_clip_is_named(tmp_path, capsys):
         parse_args(["--max-steps", "1", "--output-dir", str(tmp_path), "--disc-grad-clip", "-1"])
     assert exit_info.value.code == 2
     assert "--disc-grad-clip must be a finite number >= 0.0, got -1.0" in capsys.readouterr().err
+
+
+def test_log_window_averages_each_key_over_the_steps_that_logged_it():
+    window = LogWindow()
+    window.add({"loss": torch.tensor(1.0), "threads": 2})
+    window.add({"loss": torch.tensor(3.0), "disc_loss": torch.tensor(0.5), "threads": 1})
+    window.add({"loss": torch.tensor(5.0), "disc_loss": torch.tensor(1.5)})
+    means = window.mean()
+    assert means["loss"].item() == 3.0 and means["disc_loss"].item() == 1.0 and means["threads"] == 1
+    assert window.mean() == {}  # emptied for the next window
+    window.add({"loss": torch.tensor(7.0)})
+    assert window.mean()["loss"].item() == 7.0
+
+
+def test_a_logged_row_is_the_mean_of_its_window(train, tmp_path):
+    """log_every 2: each row's loss is the mean of the two steps' losses logged with log_every 1, so the GAN health
+    over a window describes all its batches, not one."""
+    every_step, every_other = tmp_path / "every_step", tmp_path / "every_other"
+    train(every_step, "--variant", "vqgan", "--log-every", "1", steps=4)
+    train(every_other, "--variant", "vqgan", "--log-every", "2", steps=4)
+    single, paired = read_metrics(every_step), read_metrics(every_other)
+    assert [row["step"] for row in paired] == [2, 4]
+    for row, (first, second) in zip(paired, [single[0:2], single[2:4]]):
+        for key in ("loss", "rec_loss", "disc_loss", "disc_acc_real", "logits_fake"):
+            assert row[key] == pytest.approx((first[key] + second[key]) / 2, rel=1e-5, abs=1e-7), key
