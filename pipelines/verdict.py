@@ -111,6 +111,9 @@ def is_number(value) -> bool:
 # fell below this (1.0 is chance: logits near 0) and it put most real and most fake patches on their own side.
 SEPARATED_MAX_LOSS = 0.95
 SEPARATED_MIN_ACCURACY = 0.55
+# Short of that, it still "ranks" them when its separation AUC (the chance that a real patch scores above a
+# reconstructed one, whatever the threshold) reaches this: a weak but real signal, not none.
+RANKED_MIN_AUC = 0.6
 HEALTH_KEYS = ("disc_loss", "logits_real", "logits_fake", "disc_acc_real", "disc_acc_fake", "disc_auc",
                "gan_weight", "adaptive_weight")
 
@@ -125,6 +128,7 @@ def gan_health(log_rows: list[dict]) -> dict | None:
     health.update(first_step=tail[0]["step"], last_step=tail[-1]["step"])
     accuracy = min(health.get("disc_acc_real", 0.0), health.get("disc_acc_fake", 0.0))
     health["separated"] = health["disc_loss"] <= SEPARATED_MAX_LOSS and accuracy >= SEPARATED_MIN_ACCURACY
+    health["ranked"] = health["separated"] or health.get("disc_auc", 0.5) >= RANKED_MIN_AUC
     return health
 
 
@@ -144,6 +148,10 @@ def gan_health_sentence(health) -> str:
                f"{'are' if accuracy or auc else 'is'} chance")
     if health.get("separated"):
         return f"VQGAN's discriminator separated real from reconstructed images ({figures})."
+    if health.get("ranked"):
+        return (f"**VQGAN's discriminator separated real from reconstructed images only weakly** ({figures}): it "
+                "ranks real patches above reconstructed ones more often than not, but does not reliably tell them "
+                "apart, so its adversarial term is a weak signal (see GAN health under Training curves).")
     return (f"**VQGAN's discriminator never separated real from reconstructed images** ({figures}), so its "
             "adversarial term carried no signal: read the VQGAN column as an L1 + perceptual autoencoder, not as "
             "a working GAN (see GAN health under Training curves).")

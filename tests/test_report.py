@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from pipelines.report import format_value, write_report
 from pipelines.result import CompareResult
-from pipelines.verdict import METRICS, gan_health, verdict
+from pipelines.verdict import METRICS, gan_health, gan_health_sentence, verdict
 
 # VQGAN leads on fd_classifier, kid_mean, recall, class_hist_kl, class_accuracy, fid; VQ-VAE on precision;
 # inception_score ties; kid_std has no direction; KID has the largest relative gap (0.05 vs 0.01 = 80%).
@@ -351,3 +351,16 @@ def test_gan_health_panel_and_summary(tmp_path):
     html_path, _ = write_report(tmp_path, as_result(metrics))
     summary = _summary(html_path.read_text(encoding="utf-8"))
     assert "discriminator separated real from reconstructed images" in summary and "80% on real" in summary
+
+
+def test_a_discriminator_that_only_ranks_is_called_weak_not_absent():
+    """Short of separating (55% right on real patches here) but ranking real above reconstructed (AUC 0.66), the
+    summary says the signal is weak; at AUC 0.5 it says there was none."""
+    rows = [{"step": s, "disc_loss": 0.87, "disc_acc_real": 0.54, "disc_acc_fake": 0.65, "disc_auc": 0.66,
+             "logits_real": 0.2, "logits_fake": -0.1, "gan_weight": 0.02} for s in range(8)]
+    weak = gan_health(rows)
+    assert not weak["separated"] and weak["ranked"]
+    sentence = gan_health_sentence(weak)
+    assert "only weakly" in sentence and "separation AUC 0.66" in sentence and "never" not in sentence
+    chance = gan_health([dict(row, disc_auc=0.5, disc_loss=0.99) for row in rows])
+    assert not chance["ranked"] and "never separated" in gan_health_sentence(chance)
