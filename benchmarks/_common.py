@@ -152,3 +152,26 @@ def write_json(path: Path, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nresults written to {path}")
     return path
+
+
+def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
+    """A copy of `dataset` whose eval split is held-out training data: its validation split if it has one, else
+    the last `holdout` train records (then left out of training). Written once as parquet under `root`."""
+    folder = root / "_held_out_data"
+    if (folder / "test.parquet").is_file():
+        return folder
+    import datasets  # only the scripts that hold data out need it
+
+    splits = datasets.load_dataset(dataset)
+    train = splits["train"]
+    if "validation" in splits:
+        evaluation = splits["validation"]
+    else:
+        if not 0 < holdout < len(train):
+            raise SystemExit(f"error: --holdout must lie in 1..{len(train) - 1}, got {holdout}")
+        train, evaluation = train.select(range(len(train) - holdout)), train.select(range(len(train) - holdout,
+                                                                                             len(train)))
+    folder.mkdir(parents=True, exist_ok=True)
+    train.to_parquet(folder / "train.parquet")
+    evaluation.to_parquet(folder / "test.parquet")
+    return folder

@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, print_table, write_json
+from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
 
-import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
@@ -56,27 +55,6 @@ ROWS: dict[str, dict] = {
 def row_folder(root: Path, name: str) -> Path:
     """The run folder of a row: its name as a path-safe slug."""
     return root / name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
-
-
-def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
-    """A copy of `dataset` whose eval split is held-out training data: its validation split if it has one, else
-    the last `holdout` train records (then left out of training). Written once as parquet under `root`."""
-    folder = root / "_held_out_data"
-    if (folder / "test.parquet").is_file():
-        return folder
-    splits = datasets.load_dataset(dataset)
-    train = splits["train"]
-    if "validation" in splits:
-        evaluation = splits["validation"]
-    else:
-        if not 0 < holdout < len(train):
-            raise SystemExit(f"error: --holdout must lie in 1..{len(train) - 1}, got {holdout}")
-        train, evaluation = train.select(range(len(train) - holdout)), train.select(range(len(train) - holdout,
-                                                                                             len(train)))
-    folder.mkdir(parents=True, exist_ok=True)
-    train.to_parquet(folder / "train.parquet")
-    evaluation.to_parquet(folder / "test.parquet")
-    return folder
 
 
 def train_row(args, name: str, fields: dict, folder: Path) -> float:

@@ -1,0 +1,148 @@
+"""Budget study: where a minute of training buys the most sample quality.
+
+Each point trains a tokenizer (stage 1) and a class-conditional prior (stage 2) through the real training scripts,
+on the train split less its last --holdout images, and scores --num-samples samples against those held-out images
+with the project's feature classifier (FD-classifier, KID, class accuracy; the real row is held-out images against
+training images at the same N). Nothing here sees the test split that `vqgen compare` reports. Two sweeps from one
+base point (the first value of each list): the prior's steps at the base tokenizer, and the tokenizer's steps under
+a base-length prior. The wall-clock minutes of each stage are recorded, so the plot shows sample FD-classifier
+against minutes for each stage. Finished runs in --output-dir are reused.
+
+    python benchmarks/budget_study.py --variant vqgan --tokenizer-steps 1200 2400 --prior-steps 1000 2000 4000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from pipelines.evaluate import evaluate_pipeline_folder  # noqa: E402
+
+
+def timed_run(command: list[str], folder: Path, done: str) -> float:
+    """Run a training command unless `folder/done` exists; its wall-clock seconds (read back when reused)."""
+    stamp = folder / "study_seconds.json"
+    if (folder / done).is_file() and stamp.is_file():
+        print(f"reusing {folder}")
+        return json.loads(stamp.read_text())["seconds"]
+    print(f"$ {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    seconds = time.time() - start
+    stamp.write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def train_tokenizer(args, steps: int) -> tuple[Path, float]:
+    folder = Path(args.output_dir) / f"tokenizer_{args.variant}_{steps}"
+    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", args.variant,
+               "--preset", "small", "--max-steps", str(steps), "--batch-size", str(args.tokenizer_batch),
+               "--disc-start", str(round(steps * args.disc_start_fraction)), "--seed", str(args.seed),
+               "--max-eval-items", "1000", "--output-dir", str(folder)]
+    return folder, timed_run(command, folder, "model.safetensors")
+
+
+def train_prior(args, tokenizer: Path, tokenizer_steps: int, steps: int) -> tuple[Path, float]:
+    folder = Path(args.output_dir) / f"prior_{args.variant}_{tokenizer_steps}_{steps}"
+    command = [sys.executable, "-m", "stage2_prior.train", "--tokenizer", str(tokenizer), "--dataset", str(args.data),
+               "--preset", "small", "--class-conditional", "--max-steps", str(steps), "--batch-size",
+               str(args.prior_batch), "--seed", str(args.seed), "--output-dir", str(folder)]
+    return folder, timed_run(command, folder, "pipeline_config.json")
+
+
+def score(args, pipeline: Path) -> dict:
+    cached = pipeline / "study_scores.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    results = evaluate_pipeline_folder(pipeline, str(args.data), args.num_samples, args.seed, args.guidance_scale)
+    samples = next(metrics for name, metrics in results["generation"].items() if name != "real")
+    scores = {"sample": samples, "real": results["generation"]["real"]}
+    cached.write_text(json.dumps(scores, default=float))
+    return scores
+
+
+def main(args: argparse.Namespace) -> None:
+    env = environment(torch.device("cpu"))
+    args.data = held_out_dataset(args.dataset, args.holdout, Path(args.output_dir))
+    base_tokenizer, base_prior = args.tokenizer_steps[0], args.prior_steps[0]
+    points = [("prior", base_tokenizer, steps) for steps in args.prior_steps]
+    points += [("tokenizer", steps, base_prior) for steps in args.tokenizer_steps[1:]]
+    rows = []
+    for sweep, tokenizer_steps, prior_steps in points:
+        tokenizer, tokenizer_seconds = train_tokenizer(args, tokenizer_steps)
+        pipeline, prior_seconds = train_prior(args, tokenizer, tokenizer_steps, prior_steps)
+        scores = score(args, pipeline)
+        rows.append({"sweep": sweep, "tokenizer_steps": tokenizer_steps, "prior_steps": prior_steps,
+                     "tokenizer_minutes": tokenizer_seconds / 60, "prior_minutes": prior_seconds / 60,
+                     "minutes": (tokenizer_seconds + prior_seconds) / 60,
+                     **{key: scores["sample"].get(key) for key in ("fd_classifier", "kid_mean", "class_accuracy")},
+                     "real_fd_classifier": scores["real"].get("fd_classifier"),
+                     "fd_over_real": scores["sample"]["fd_classifier"] / scores["real"]["fd_classifier"]})
+    table = print_table(
+        f"Budget study ({args.variant}, {args.dataset}; samples scored against {args.holdout} held-out training "
+        f"images, N = {args.num_samples}, guidance {args.guidance_scale}; minutes of wall-clock training per stage)", [
+            ("sweep", "sweep"), ("tokenizer_steps", "tokenizer steps"), ("prior_steps", "prior steps"),
+            ("tokenizer_minutes", "tokenizer min"), ("prior_minutes", "prior min"),
+            ("fd_classifier", "sample FD-classifier"), ("fd_over_real", "x real"), ("kid_mean", "KID"),
+            ("class_accuracy", "class acc.")], rows,
+        digits={"tokenizer_minutes": 1, "prior_minutes": 1, "fd_classifier": 2, "fd_over_real": 1, "kid_mean": 3,
+                "class_accuracy": 3})
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for sweep, label in (("prior", f"prior steps ({base_tokenizer}-step tokenizer)"),
+                         ("tokenizer", f"tokenizer steps ({base_prior}-step prior)")):
+        series = [row for row in rows if row["sweep"] == sweep or (row["tokenizer_steps"], row["prior_steps"]) ==
+                  (base_tokenizer, base_prior)]
+        series.sort(key=lambda row: row["minutes"])
+        axis.plot([row["minutes"] for row in series], [row["fd_classifier"] for row in series], marker="o",
+                  label=label)
+        for row in series:
+            axis.annotate(str(row[f"{sweep}_steps"]), (row["minutes"], row["fd_classifier"]), fontsize=7,
+                          textcoords="offset points", xytext=(4, 4))
+    axis.axhline(rows[0]["real_fd_classifier"], color="black", linestyle=":", label="real images (same N)")
+    axis.set(xlabel="wall-clock training minutes (tokenizer + prior)", ylabel="sample FD-classifier (held-out)",
+             title=f"{args.variant}: sample quality against training time")
+    axis.set_yscale("log")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    plot = Path(args.plot or RESULTS_DIR / f"budget_study_{args.variant}.png")
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(plot, dpi=100)
+    print(f"wrote {plot}")
+    write_json(args.output or RESULTS_DIR / f"budget_study_{args.variant}.json", {
+        "environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(SHARED_DATA / "fashion_mnist"))
+    parser.add_argument("--variant", choices=("vqvae", "vqgan"), default="vqgan")
+    parser.add_argument("--holdout", type=int, default=5000, help="last train images held out for scoring")
+    parser.add_argument("--tokenizer-steps", type=int, nargs="+", default=[1200, 2400])
+    parser.add_argument("--prior-steps", type=int, nargs="+", default=[1000, 2000, 4000])
+    parser.add_argument("--tokenizer-batch", type=int, default=32)
+    parser.add_argument("--prior-batch", type=int, default=32)
+    parser.add_argument("--disc-start-fraction", type=float, default=1 / 3,
+                        help="the GAN term reaches the decoder after this share of the tokenizer's steps")
+    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--guidance-scale", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/budget_study")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--plot", type=Path)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())
