@@ -33,6 +33,7 @@ from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402
 
 TAMING = GAN_RECIPES["taming"]
+WEIGHT_002 = {**GAN_RECIPES["vqgen"], "disc_weight": 0.02}  # the previous default
 ROWS: dict[str, dict] = {
     "VQ-VAE (reference)": {"variant": "vqvae"},
     "taming": TAMING,
@@ -44,11 +45,16 @@ ROWS: dict[str, dict] = {
     "vqgen default": GAN_RECIPES["vqgen"],
     "vqgen default, no centring": {**GAN_RECIPES["vqgen"], "disc_centring_weight": 0.0},
     "vqgen default, adaptive weight": {**GAN_RECIPES["vqgen"], "gan_weighting": "adaptive", "disc_weight": 0.8},
-    # Two-time-scale: the discriminator's learning rate 3x the autoencoder's (a training flag, not a config field).
-    "vqgen default, D lr x3": {**GAN_RECIPES["vqgen"], "train_flags": ["--disc-learning-rate", "1.2e-3"]},
-    "vqgen default, fixed weight 0.01": {**GAN_RECIPES["vqgen"], "disc_weight": 0.01},
-    "vqgen default, D width 64": {**GAN_RECIPES["vqgen"], "disc_channels": 64},
     "vqgen default, D 3 layers": {**GAN_RECIPES["vqgen"], "disc_layers": 3},
+    # The fixed weight: the discriminator wins more often as it falls, the reconstructions stop improving.
+    "fixed weight 0.005": {**GAN_RECIPES["vqgen"], "disc_weight": 0.005},
+    "fixed weight 0.02": WEIGHT_002,
+    # Around the previous default (weight 0.02): ways to strengthen the discriminator instead of weakening its term.
+    "weight 0.02, no centring": {**WEIGHT_002, "disc_centring_weight": 0.0},
+    # Two-time-scale: the discriminator's learning rate 3x the autoencoder's (a training flag, not a config field).
+    "weight 0.02, D lr x3": {**WEIGHT_002, "train_flags": ["--disc-learning-rate", "1.2e-3"]},
+    "weight 0.02, D width 64": {**WEIGHT_002, "disc_channels": 64},
+    "weight 0.02, D 3 layers": {**WEIGHT_002, "disc_layers": 3},
 }
 
 

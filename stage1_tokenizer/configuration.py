@@ -61,13 +61,13 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 # Named adversarial recipes: VQConfig fields set together by `--gan-recipe`. "taming" reproduces
 # taming-transformers (BatchNorm PatchGAN scored on real and fake batches in separate calls, trained only from
 # disc_start, adaptive weight clamped at 1e4); "vqgen" is the default, chosen by the ablation in the README
-# ("Choosing the GAN recipe").
+# (Stage 1, "The VQGAN's discriminator").
 GAN_RECIPES: dict[str, dict[str, Any]] = {
     "taming": dict(disc_norm="batch", disc_init="dcgan", disc_spectral_norm=False, disc_blur=False,
                    disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
                    lecam_weight=0.0, disc_centring_weight=0.0),
     "vqgen": dict(disc_norm="group", disc_init="default", disc_spectral_norm=False, disc_blur=False,
-                  disc_train_start=0, gan_weighting="fixed", disc_weight=0.02, adaptive_weight_max=1e4,
+                  disc_train_start=0, gan_weighting="fixed", disc_weight=0.01, adaptive_weight_max=1e4,
                   lecam_weight=0.0, disc_centring_weight=1.0),
 }
 
