@@ -192,6 +192,10 @@ def test_output_lock_is_exclusive_and_released_on_exceptions(tmp_path):
 def send_signal_at_step(monkeypatch, module: str, step: int, signum: int = signal.SIGINT, times: int = 1) -> None:
     """Deliver `signum` to this process during training step `step` (from the per-step thread rebalancer)."""
     calls = {"count": 0}
+    if signal.getsignal(signum) is signal.SIG_IGN:
+        # A background job (`pytest &`, nohup) inherits SIGINT ignored, and training rightly keeps it ignored; the
+        # test stands in for a user at a terminal, where Ctrl-C is live.
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
     def rebalance() -> None:
         calls["count"] += 1
@@ -205,8 +209,8 @@ def send_signal_at_step(monkeypatch, module: str, step: int, signum: int = signa
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_saves_a_checkpoint_and_says_how_to_resume(train, tmp_path, capsys, monkeypatch, signum, code):
     out = tmp_path / "run"
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     send_signal_at_step(monkeypatch, "stage1_tokenizer.train", 3, signum)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SystemExit) as stop:
         train(out, "--checkpoint-every", 100, steps=50)
     name = signal.Signals(signum).name
@@ -302,7 +306,9 @@ def test_a_concurrent_run_is_refused_and_ctrl_c_on_the_first_resumes(train, tmp_
     command = [sys.executable, "-m", "stage1_tokenizer.train", *TINY, "--max-steps", "100000", "--log-every", "1",
                "--checkpoint-every", "100000", "--output-dir", str(out)]
     with open(log, "w") as stderr:
-        first = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env, stdout=subprocess.DEVNULL, stderr=stderr)
+        # Ctrl-C live in the child even when pytest runs as a background job (which ignores SIGINT).
+        first = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env, stdout=subprocess.DEVNULL, stderr=stderr,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while first.poll() is None and time.time() < deadline:
