@@ -236,7 +236,7 @@ def main(args: TokenizerTrainingArguments) -> None:
         if guard.exhausted:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
             raise guard.stop(step, "lower the learning rate or check the data")
-        if window.sums and (step % log_every == 0 or step == args.max_steps):
+        if window and (step % log_every == 0 or step == args.max_steps):
             logs = reduce_logs(accelerator, window.mean())
             row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
                                     "nonfinite_skipped": guard.total, "threads": torch.get_num_threads()})

@@ -516,6 +516,10 @@ class LogWindow:
             else:
                 self.latest[key] = value
 
+    def __len__(self) -> int:
+        """How many keys hold tensor values (0: nothing was logged since the last row)."""
+        return len(self.sums)
+
     def mean(self) -> dict:
         """The window's means (tensors) and latest plain values; empties the window."""
         means = {**self.latest, **{key: total / self.counts[key] for key, total in self.sums.items()}}

@@ -423,7 +423,7 @@ def test_log_window_averages_each_key_over_the_steps_that_logged_it():
     window.add({"loss": torch.tensor(5.0), "disc_loss": torch.tensor(1.5)})
     means = window.mean()
     assert means["loss"].item() == 3.0 and means["disc_loss"].item() == 1.0 and means["threads"] == 1
-    assert window.mean() == {}  # emptied for the next window
+    assert len(window) == 0 and window.mean() == {}  # emptied for the next window
     window.add({"loss": torch.tensor(7.0)})
     assert window.mean()["loss"].item() == 7.0
 
