@@ -91,8 +91,8 @@ def main(args: argparse.Namespace) -> None:
                      "real_fd_classifier": scores["real"].get("fd_classifier"),
                      "fd_over_real": scores["sample"]["fd_classifier"] / scores["real"]["fd_classifier"]})
     table = print_table(
-        f"Budget study ({args.variant}, {args.dataset}; samples scored against {args.holdout} held-out training "
-        f"images, N = {args.num_samples}, guidance {args.guidance_scale}; minutes of wall-clock training per stage)", [
+        f"Budget study ({args.variant}, {args.dataset}; samples scored against held-out data (its validation split, "
+        f"else the last {args.holdout} training records), N = {args.num_samples}, guidance {args.guidance_scale}; minutes of wall-clock training per stage)", [
             ("sweep", "sweep"), ("tokenizer_steps", "tokenizer steps"), ("prior_steps", "prior steps"),
             ("tokenizer_minutes", "tokenizer min"), ("prior_minutes", "prior min"),
             ("fd_classifier", "sample FD-classifier"), ("fd_over_real", "x real"), ("kid_mean", "KID"),
