@@ -48,6 +48,9 @@ ROWS: dict[str, dict] = {
     "vqgen default, D 3 layers": {**GAN_RECIPES["vqgen"], "disc_layers": 3},
     # The fixed weight: the discriminator wins more often as it falls, the reconstructions stop improving.
     "fixed weight 0.005": {**GAN_RECIPES["vqgen"], "disc_weight": 0.005},
+    "fixed weight 0.0075": {**GAN_RECIPES["vqgen"], "disc_weight": 0.0075},
+    # Where the threshold sits: logits centred on each side's median instead of its mean (the gap is unchanged).
+    "vqgen default, median centring": {**GAN_RECIPES["vqgen"], "disc_centring": "median"},
     "fixed weight 0.02": WEIGHT_002,
     # Around the previous default (weight 0.02): ways to strengthen the discriminator instead of weakening its term.
     "weight 0.02, no centring": {**WEIGHT_002, "disc_centring_weight": 0.0},

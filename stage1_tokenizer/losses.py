@@ -116,13 +116,19 @@ def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, logit_em
     return F.relu(logits_real - ema_fake).pow(2).mean() + F.relu(ema_real - logits_fake).pow(2).mean()
 
 
-def centring_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """The squared common offset of the real and fake logits: ((mean D(real) + mean D(fake)) / 2)^2.
+def centring_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
+    """The squared common offset of the real and fake logits: ((centre of D(real) + centre of D(fake)) / 2)^2,
+    the centre being each side's mean or median.
 
     While the logits lie inside the hinge's margin, the hinge loss depends only on their difference, so their
     common offset drifts freely and 0 stops being the discriminator's decision threshold. This term pins the
-    offset (its gradient leaves the difference untouched).
+    offset (its gradient leaves the difference untouched). With "mean", a tail of confident logits on one side
+    pulls the threshold towards the other side's bulk; "median" puts 0 midway between the typical real and the
+    typical fake patch, so each side has at least half its patches on the right side of 0 whenever the typical
+    real patch scores above the typical fake one.
     """
+    if statistic == "median":
+        return (0.5 * (logits_real.flatten().median() + logits_fake.flatten().median())).pow(2)
     return (0.5 * (logits_real.mean() + logits_fake.mean())).pow(2)
 
 
@@ -294,7 +300,8 @@ class TokenizerObjective(nn.Module):
         }
         loss = hinge
         if self.config.disc_centring_weight > 0:
-            loss = loss + self.config.disc_centring_weight * centring_penalty(logits_real, logits_fake)
+            loss = loss + self.config.disc_centring_weight * centring_penalty(
+                logits_real, logits_fake, self.config.disc_centring)
         if self.config.lecam_weight > 0:
             lecam = lecam_penalty(logits_real, logits_fake, self.discriminator.logit_ema)
             logs["lecam_loss"] = lecam.detach()

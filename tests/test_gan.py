@@ -118,6 +118,25 @@ def test_centring_pins_the_common_offset_and_leaves_the_gap_alone():
     assert float(centring_penalty(torch.tensor([2.0, 1.0]), torch.tensor([-1.0, -2.0]))) == 0.0
 
 
+def test_median_centring_balances_the_accuracies_where_a_tail_skews_the_mean():
+    # Real logits: a typical patch at 0.1, one confident outlier at 3.0; fake logits around -0.3.
+    real = torch.tensor([0.0, 0.1, 0.2, 3.0], requires_grad=True)
+    fake = torch.tensor([-0.4, -0.3, -0.2, -0.3])
+    # The means (0.825, -0.3) put the offset at +0.2625: shifting it to 0 would leave 3 of the 4 real patches
+    # below 0. The medians (lower middle: 0.1 and -0.3) put it at -0.1, and shifting that to 0 leaves every
+    # real patch above 0 and every fake patch below.
+    assert float(centring_penalty(real, fake)) == pytest.approx(0.2625**2)
+    penalty = centring_penalty(real, fake, "median")
+    assert float(penalty.detach()) == pytest.approx(0.01)
+    penalty.backward()
+    assert real.grad.tolist() == pytest.approx([0.0, -0.1, 0.0, 0.0])  # only the median patch is pushed
+    by_mean = real.detach() - 0.2625
+    assert float((by_mean > 0).float().mean()) == 0.25
+    shifted = real.detach() + 0.1, fake + 0.1
+    assert float(centring_penalty(*shifted, "median")) == pytest.approx(0.0, abs=1e-12)
+    assert float((shifted[0] > 0).float().mean()) == 1.0 and float((shifted[1] < 0).float().mean()) == 1.0
+
+
 def test_separation_auc_ignores_the_threshold():
     real, fake = torch.tensor([0.2, 0.4, -0.1]), torch.tensor([-0.3, 0.0, -0.5])
     # 8 of the 9 (real, fake) pairs rank the real patch higher: -0.1 < 0.0 is the one inversion.
