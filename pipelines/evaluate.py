@@ -19,7 +19,7 @@ from .classifier import load_images, load_or_train_classifier, predict_classes
 from .image_metrics import (high_frequency_ratio, image_baseline_metrics, image_generation_metrics,
                             inside_real_manifold, radial_power_spectrum)
 from .pipeline import VQPipeline
-from .plots import spectrum_figure
+from .plots import guidance_sweep_figure, spectrum_figure
 from .pretrained_metrics import optional_pretrained_metrics
 from .text_metrics import CharNgramModel, SentimentClassifier, text_generation_metrics, texts_and_labels
 from .uncertainty import image_sample_intervals, text_sample_intervals
@@ -39,6 +39,31 @@ def _generate_images(pipe: VQPipeline, labels: list[int] | None, count: int, gui
     out = pipe.generate(num_samples=count, class_labels=labels, guidance_scale=guidance if labels else 1.0,
                         seed=seed, batch_size=batch_size, output_type="pt")
     return out.images * 2 - 1  # back to [-1, 1]
+
+
+# The report's guidance sweep: a few scales around the budget's, at up to SWEEP_SAMPLES samples each.
+SWEEP_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
+SWEEP_SAMPLES = 500
+
+
+def guidance_sweep(pipes: dict[str, VQPipeline], classifier, reference: torch.Tensor, labels: list[int], seed: int,
+                   scales=SWEEP_SCALES) -> dict[str, list[dict]]:
+    """Each variant's samples at each guidance scale, scored against `reference` images with `labels`.
+
+    The reference is training images: the sweep shows how guidance trades diversity for class fidelity without
+    looking at the test split the report scores (the budget's scale was chosen on held-out training data).
+    """
+    sweep = {}
+    for variant, pipe in pipes.items():
+        print(f"evaluating {variant}: guidance sweep ({len(labels)} samples at scales {list(scales)})")
+        rows = []
+        for scale in scales:
+            fake = _generate_images(pipe, labels, len(labels), scale, seed)
+            metrics = image_generation_metrics(classifier, reference, fake, labels, seed=seed)
+            rows.append({"guidance_scale": scale, **{key: metrics[key] for key in (
+                "fd_classifier", "kid_mean", "precision", "recall", "class_accuracy")}})
+        sweep[variant] = rows
+    return sweep
 
 
 def _per_class_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
@@ -82,8 +107,8 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     count = num_samples
     eval_split = load_split(dataset, "eval", "image")  # loaded once, for the real rows and both reconstructions
     real_test, test_labels = load_images(eval_split, "eval", config.resolution, config.in_channels, max_items=count)
-    real_train, _ = load_images(load_split(dataset, "train", "image"), "train", config.resolution,
-                                config.in_channels, max_items=len(real_test))
+    real_train, train_labels = load_images(load_split(dataset, "train", "image"), "train", config.resolution,
+                                           config.in_channels, max_items=len(real_test))
     count = len(real_test)
     conditional = first.layout.conditional
     requested = test_labels.tolist() if conditional else None  # same class histogram as the real rows
@@ -128,6 +153,14 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     results["generation"]["real"]["high_frequency_ratio"] = high_frequency_ratio(real_train, real_test)
     spectrum_figure(spectra).savefig(figures / "power_spectrum.png", format="png", dpi=100)
     results["figures"]["spectrum"] = "figures/power_spectrum.png"
+    if conditional:  # training images only: two disjoint sets of n, one the reference, one the real floor
+        n = min(SWEEP_SAMPLES, len(real_train) // 2)
+        reference, reference_labels = real_train[:n], train_labels[:n].tolist()
+        rows = guidance_sweep(pipes, classifier, reference, reference_labels, seed)
+        real_fd = image_baseline_metrics(classifier, real_train[n:2 * n], reference, seed=seed)["fd_classifier"]
+        results["guidance_sweep"] = {"num_samples": n, "real_fd_classifier": real_fd, "rows": rows}
+        guidance_sweep_figure(rows, real_fd).savefig(figures / "guidance_sweep.png", format="png", dpi=100)
+        results["figures"]["guidance_sweep"] = "figures/guidance_sweep.png"
     return results
 
 

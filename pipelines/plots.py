@@ -1,4 +1,4 @@
-"""The report's figures, drawn with matplotlib: training curves, GAN health and power spectra."""
+"""The report's figures, drawn with matplotlib: training curves, GAN health, power spectra and the guidance sweep."""
 
 from __future__ import annotations
 
@@ -157,4 +157,28 @@ def spectrum_figure(spectra: dict):
     axis.set_title("Radially averaged power spectrum (right of the dotted line: high frequencies)", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(frameon=False, fontsize=8)
+    return figure
+
+
+def guidance_sweep_figure(sweep: dict, real_fd: float | None):
+    """Sample FD-classifier and class-conditional accuracy against the guidance scale, one line per variant."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10.0, 3.4), layout="constrained")
+    fd_axis, accuracy_axis = figure.subplots(1, 2)
+    for variant, rows in sweep.items():
+        scales = [row["guidance_scale"] for row in rows]
+        style = dict(color=COLORS.get(variant), marker="o", linewidth=1.5, label=COLUMN_NAMES.get(variant, variant))
+        fd_axis.plot(scales, [row["fd_classifier"] for row in rows], **style)
+        accuracy_axis.plot(scales, [100 * row["class_accuracy"] for row in rows], **style)
+    if is_number(real_fd):
+        fd_axis.axhline(real_fd, color="#1f2328", linestyle=":", linewidth=1.0, label="real images (same N)")
+    fd_axis.set_yscale("log")
+    fd_axis.set(xlabel="guidance scale", ylabel="FD-classifier (lower is better)")
+    fd_axis.set_title("Samples against training images", fontsize=11)
+    accuracy_axis.set(xlabel="guidance scale", ylabel="class-conditional accuracy (%)")
+    accuracy_axis.set_title("Samples classified as their requested class", fontsize=11)
+    for axis in (fd_axis, accuracy_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(frameon=False, fontsize=8)
     return figure

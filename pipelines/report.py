@@ -256,6 +256,19 @@ def _text_groups(text_samples: dict) -> list[dict]:
          "more": max(0, len(per_column[c].get(group) or []) - MAX_TEXT_SAMPLES)} for c in order]} for group in groups]
 
 
+def _guidance_sweep_view(figures: FigureFiles, paths: dict, result: CompareResult) -> dict | None:
+    """The sweep's figure and a caption that says what it was scored against."""
+    sweep = result.guidance_sweep or {}
+    if not paths.get("guidance_sweep") or not sweep.get("rows"):
+        return None
+    budget_scale = result.settings.get("guidance_scale")
+    caption = (f"Samples at each guidance scale ({sweep.get('num_samples')} per point, the same class histogram as the "
+               f"training images they are scored against; the test split is not used). The report's samples use "
+               f"scale {budget_scale}, chosen on held-out training data. Higher scales follow the label more "
+               f"closely and cover less of each class.")
+    return {**figures.figure(paths["guidance_sweep"], "guidance sweep", False), "caption": caption}
+
+
 def build_view(result: CompareResult, figures: FigureFiles, plots: list[tuple[str, str]], notes: list[str]) -> dict:
     """Everything the templates show, already formatted."""
     settings = result.settings
@@ -276,6 +289,7 @@ def build_view(result: CompareResult, figures: FigureFiles, plots: list[tuple[st
         "text_groups": _text_groups(result.text_samples),
         "reconstructions": _figure_row(figures, paths.get("reconstructions"), "reconstructions"),
         "spectrum": figures.figure(paths["spectrum"], "power spectrum", False) if paths.get("spectrum") else None,
+        "guidance_sweep": _guidance_sweep_view(figures, paths, result),
         "plots": [{"title": t, **figures.figure(p, t, False)} for t, p in plots],
     }
     view["notes"] = list(dict.fromkeys([*notes, *figures.notes.values()]))

@@ -33,6 +33,7 @@ class CompareResult:
     per_seed: list = field(default_factory=list)
     gan_health: dict | None = None
     figures: dict = field(default_factory=dict)
+    guidance_sweep: dict = field(default_factory=dict)  # image, class-conditional: samples per guidance scale
     text_samples: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     verdict: dict = field(default_factory=dict)
@@ -65,10 +66,11 @@ def read_gan_health(log_path: Path) -> dict | None:
 def aggregate(settings: dict, runs: list[dict], seeds: list[int]) -> CompareResult:
     """One CompareResult from each seed's evaluation (`runs[i]` holds the groups, "intervals", "gan_health", ...).
 
-    The first seed's figures, text samples, classifier facts and GAN health are the ones shown.
+    The first seed's figures, guidance sweep, text samples, classifier facts and GAN health are the ones shown.
     """
     first = runs[0]
     result = CompareResult(settings=settings, classifier=first.get("classifier", {}), figures=first.get("figures", {}),
+                           guidance_sweep=first.get("guidance_sweep", {}),
                            text_samples=first.get("text_samples", {}), gan_health=first.get("gan_health"),
                            notes=list(dict.fromkeys(n for run in runs for n in run.get("notes", []))))
     for group in GROUPS:
