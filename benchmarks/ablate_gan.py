@@ -51,6 +51,8 @@ ROWS: dict[str, dict] = {
     "fixed weight 0.0075": {**GAN_RECIPES["vqgen"], "disc_weight": 0.0075},
     # Where the threshold sits: logits centred on each side's median instead of its mean (the gap is unchanged).
     "vqgen default, median centring": {**GAN_RECIPES["vqgen"], "disc_centring": "median"},
+    "vqgen default, balanced centring": {**GAN_RECIPES["vqgen"], "disc_centring": "balanced"},
+    "weight 0.0075, balanced centring": {**GAN_RECIPES["vqgen"], "disc_weight": 0.0075, "disc_centring": "balanced"},
     "fixed weight 0.02": WEIGHT_002,
     # Around the previous default (weight 0.02): ways to strengthen the discriminator instead of weakening its term.
     "weight 0.02, no centring": {**WEIGHT_002, "disc_centring_weight": 0.0},

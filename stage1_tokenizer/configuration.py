@@ -13,7 +13,7 @@ PERCEPTUAL_BACKENDS = ("lpips", "random-vgg", "none")
 DISC_NORMS = ("batch", "group", "none")
 DISC_INITS = ("dcgan", "default")
 GAN_WEIGHTINGS = ("adaptive", "fixed")
-DISC_CENTRINGS = ("mean", "median")
+DISC_CENTRINGS = ("mean", "median", "balanced")
 BYTE_VOCAB_SIZE = 257  # 256 UTF-8 byte values + one pad symbol
 PAD_BYTE = 256
 

@@ -117,16 +117,21 @@ def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, logit_em
 
 
 def centring_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, statistic: str = "mean") -> torch.Tensor:
-    """The squared common offset of the real and fake logits: ((centre of D(real) + centre of D(fake)) / 2)^2,
-    the centre being each side's mean or median.
+    """The squared offset of the discriminator's logits from 0, its decision threshold.
 
-    While the logits lie inside the hinge's margin, the hinge loss depends only on their difference, so their
-    common offset drifts freely and 0 stops being the discriminator's decision threshold. This term pins the
-    offset (its gradient leaves the difference untouched). With "mean", a tail of confident logits on one side
-    pulls the threshold towards the other side's bulk; "median" puts 0 midway between the typical real and the
-    typical fake patch, so each side has at least half its patches on the right side of 0 whenever the typical
-    real patch scores above the typical fake one.
+    While the logits lie inside the hinge's margin, the hinge loss depends only on the gap between real and fake
+    logits, so their common offset drifts freely and 0 stops being a meaningful threshold. This term pins the
+    offset; a shift of every logit changes it, the gap does not. The offset is:
+      "mean":     (mean D(real) + mean D(fake)) / 2; a tail of confident logits on one side pulls the threshold
+                  into the other side's bulk;
+      "median":   (median D(real) + median D(fake)) / 2, midway between the typical real and fake patch;
+      "balanced": the median of all real and fake logits together (the two batches have the same number of
+                  patches; midway between the two middle values), the threshold at which the share of real
+                  patches above it equals the share of fake patches below it: both accuracies then equal their
+                  mean, the balanced accuracy.
     """
+    if statistic == "balanced":
+        return torch.quantile(torch.cat([logits_real.flatten(), logits_fake.flatten()]), 0.5).pow(2)
     if statistic == "median":
         return (0.5 * (logits_real.flatten().median() + logits_fake.flatten().median())).pow(2)
     return (0.5 * (logits_real.mean() + logits_fake.mean())).pow(2)

@@ -137,6 +137,24 @@ def test_median_centring_balances_the_accuracies_where_a_tail_skews_the_mean():
     assert float((shifted[0] > 0).float().mean()) == 1.0 and float((shifted[1] < 0).float().mean()) == 1.0
 
 
+def test_balanced_centring_puts_the_threshold_where_both_accuracies_are_equal():
+    real = torch.tensor([-1.0, 0.5, 1.0, 2.0], requires_grad=True)
+    fake = torch.tensor([-2.0, -1.5, 0.0, 0.8], requires_grad=True)
+    # Pooled and sorted: -2, -1.5, -1, 0, | 0.5, 0.8, 1, 2: the median is midway between 0 and 0.5.
+    penalty = centring_penalty(real, fake, "balanced")
+    assert float(penalty.detach()) == pytest.approx(0.25**2)
+    penalty.backward()  # the push falls on the two middle logits only, half each: d(0.25^2)/d(median) = 0.5
+    assert real.grad.tolist() == pytest.approx([0.0, 0.25, 0.0, 0.0])
+    assert fake.grad.tolist() == pytest.approx([0.0, 0.0, 0.25, 0.0])
+    shifted_real, shifted_fake = real.detach() - 0.25, fake.detach() - 0.25
+    assert float(centring_penalty(shifted_real, shifted_fake, "balanced")) == pytest.approx(0.0, abs=1e-12)
+    # 3 of 4 on the right side of 0 on both sides; mean centring (offset -0.025) leaves 3/4 real, 2/4 fake right.
+    assert float((shifted_real > 0).float().mean()) == float((shifted_fake < 0).float().mean()) == 0.75
+    by_mean = real.detach() + 0.025, fake.detach() + 0.025
+    assert float(centring_penalty(*by_mean)) == pytest.approx(0.0, abs=1e-12)
+    assert float((by_mean[1] < 0).float().mean()) == 0.5
+
+
 def test_separation_auc_ignores_the_threshold():
     real, fake = torch.tensor([0.2, 0.4, -0.1]), torch.tensor([-0.3, 0.0, -0.5])
     # 8 of the 9 (real, fake) pairs rank the real patch higher: -0.1 < 0.0 is the one inversion.
