@@ -36,12 +36,16 @@ class Budget:
     prior_batch: int
     num_eval_samples: int
     guidance_scale: float
+    # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
+    # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
+    train_minutes: float | None = None
 
     def __post_init__(self):
         check_positive(self, ("tokenizer_steps", "tokenizer_batch", "prior_steps", "prior_batch", "num_eval_samples"))
         check_finite(self, ("guidance_scale",))
         if self.disc_start < 0:
             raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
+        check_finite(self, ("train_minutes",), strict=False)
         if self.tokenizer_preset not in TOKENIZER_PRESETS:
             raise ValueError(f"tokenizer preset {self.tokenizer_preset!r} is unknown; expected one of "
                              f"{sorted(TOKENIZER_PRESETS)}")
@@ -104,6 +108,9 @@ class CompareArguments:
     prior_batch: int | None = None
     num_eval_samples: int | None = None
     guidance_scale: float | None = None
+    train_minutes: float | None = field(default=None, metadata=described(
+        "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
+        "(0: run the budget's steps whatever they take)"))
 
     def __post_init__(self):
         check_positive(self, ("seeds", "threads"))

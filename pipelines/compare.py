@@ -103,6 +103,36 @@ def evaluate_seed(root: Path, budget: Budget, dataset: str, modality: str, seed:
     return run
 
 
+def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num_classes: int,
+                  output_dir: Path) -> tuple[Budget, str | None]:
+    """The budget with its steps fitted to `train_minutes` on this machine (pipelines/budget_fit.py) and a line
+    saying what was done. The fit is kept in output_dir/budget_fit.json, so a rerun reuses its runs."""
+    if not budget.train_minutes:
+        return budget, None
+    explicit = sorted({"tokenizer_steps", "prior_steps", "disc_start"} & set(arguments.overrides()))
+    if explicit:
+        return budget, f"not fitted to {budget.train_minutes:g} min: {', '.join(explicit)} given explicitly"
+    record = output_dir / "budget_fit.json"
+    if record.is_file() and not arguments.force:
+        saved = json.loads(record.read_text())
+        if saved.get("budget") == dataclasses.asdict(budget):
+            print(f"budget fit (from {record}): {saved['note']}")
+            return Budget(**saved["fitted"]), saved["note"]
+    from stage1_tokenizer.train import infer_channels
+
+    from .budget_fit import describe_fit, fit_budget, probe_step_seconds
+
+    print(f"timing a few training steps of each stage to fit the budget to {budget.train_minutes:g} min", flush=True)
+    in_channels = infer_channels(load_split(dataset, "train", "image")) if arguments.modality == "image" else 1
+    seconds = probe_step_seconds(budget, arguments.modality, in_channels, num_classes, arguments.perceptual)
+    fitted, info = fit_budget(budget, seconds)
+    note = describe_fit(budget, fitted, info)
+    print(f"budget fit: {note}", flush=True)
+    record.write_text(json.dumps({"budget": dataclasses.asdict(budget), "fitted": dataclasses.asdict(fitted),
+                                  "note": note, **info}, indent=2))
+    return fitted, note
+
+
 def run_compare(arguments: CompareArguments) -> CompareResult:
     """Train both variants for every seed, evaluate, judge, and write metrics.json and the report."""
     from .report import write_report
@@ -121,6 +151,8 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
         raise ValueError(f"--class-conditional needs a labelled data set; {dataset!r} has no 'label' column")
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    budget, fit_note = fitted_budget(arguments, budget, dataset, len(class_names) if class_conditional else 0,
+                                     output_dir)
     seeds = arguments.seed_list
     runs = []
     for index, seed in enumerate(seeds):
@@ -138,6 +170,8 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
         overrides=arguments.overrides(), class_conditional=class_conditional,
         class_names=class_names if class_conditional else None, perceptual_backend=arguments.perceptual,
         elapsed_seconds=time.time() - started, library_versions=library_versions(), **dataclasses.asdict(budget))
+    if fit_note:
+        settings["budget_fit"] = fit_note
     result = aggregate(settings, runs, seeds)
     for variant in VARIANTS:  # the model cards state what the comparison measured
         pipe = VQPipeline.from_pretrained(output_dir / "pipelines" / variant)

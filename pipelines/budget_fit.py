@@ -1,0 +1,158 @@
+"""Fit a budget's step counts to a wall-clock target on the machine at hand.
+
+The same step counts take 22 minutes on a CPU with native bf16 and about an hour on one without. A budget with
+`train_minutes` therefore times a few training steps of each stage here, on random inputs of the real shapes
+(the two tokenizers with their full objectives, the VQGAN's with its GAN term on; the prior), predicts the
+training time of the budget, and when that exceeds the target scales the tokenizer's and the prior's steps by
+one factor (and `disc_start` with the tokenizer's). Both variants keep the same steps, so the comparison stays
+fair; a machine fast enough keeps the budget as it is. Step counts given explicitly are never changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from stage1_tokenizer.configuration import VQConfig
+from stage1_tokenizer.losses import TokenizerObjective
+from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.precision import fast_autocast
+from stage2_prior.modeling import TokenLayout, build_prior
+
+from .budgets import Budget
+
+# Measured (README, "Fitting the budget to the machine"): a training run's steps take this much longer than the
+# probe's (data loading, logging, the periodic checkpoints, previews and evaluations, the prior's code cache).
+OVERHEAD = 1.15
+STEP_ROUNDING = 50  # fitted step counts are multiples of this
+
+
+@dataclass(frozen=True)
+class StepSeconds:
+    """Seconds per training step of each job, measured by `probe_step_seconds`."""
+
+    vqvae: float
+    vqgan: float
+    prior: float
+
+
+def predicted_training_seconds(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD) -> float:
+    """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound)."""
+    return overhead * (budget.tokenizer_steps * (seconds.vqvae + seconds.vqgan) + 2 * budget.prior_steps * seconds.prior)
+
+
+def _round_steps(steps: float) -> int:
+    return max(STEP_ROUNDING, int(steps / STEP_ROUNDING + 1e-9) * STEP_ROUNDING)  # (600 stays 600 after rounding error)
+
+
+def fit_budget(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD) -> tuple[Budget, dict]:
+    """`budget` with its steps scaled to fit `budget.train_minutes` (unchanged when it fits), and what was done."""
+    predicted = predicted_training_seconds(budget, seconds, overhead)
+    target = budget.train_minutes * 60
+    info = {"target_minutes": budget.train_minutes, "predicted_minutes": predicted / 60,
+            "step_seconds": dataclasses.asdict(seconds), "scale": 1.0}
+    if predicted <= target:
+        return budget, info
+    scale = target / predicted
+    tokenizer_steps = _round_steps(budget.tokenizer_steps * scale)
+    fitted = dataclasses.replace(
+        budget, tokenizer_steps=tokenizer_steps, prior_steps=_round_steps(budget.prior_steps * scale),
+        disc_start=round(budget.disc_start * tokenizer_steps / budget.tokenizer_steps))
+    info.update(scale=scale, fitted_minutes=predicted_training_seconds(fitted, seconds, overhead) / 60)
+    return fitted, info
+
+
+def describe_fit(budget: Budget, fitted: Budget, info: dict) -> str:
+    """One line for the log and the report's settings."""
+    if fitted == budget:
+        return (f"fits: {info['predicted_minutes']:.0f} min predicted for a target of "
+                f"{info['target_minutes']:.0f} min; steps as budgeted")
+    return (f"scaled by {info['scale']:.2f} to fit {info['target_minutes']:.0f} min ({info['predicted_minutes']:.0f} "
+            f"min predicted as budgeted): tokenizer {budget.tokenizer_steps} -> {fitted.tokenizer_steps} steps "
+            f"(GAN from {fitted.disc_start}), prior {budget.prior_steps} -> {fitted.prior_steps} steps")
+
+
+def _time_steps(step, warmup: int, steps: int) -> float:
+    """Median seconds of `steps` calls of step(i) after `warmup` untimed ones."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, steps: int) -> float:
+    """Seconds per step of the tokenizer's update (and, for a VQGAN, its discriminator's), as training runs it."""
+    model, objective = VQModel(config), TokenizerObjective(config)
+    ae_opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    disc = objective.discriminator
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9)) if disc is not None else None
+    generator = torch.Generator().manual_seed(0)
+    if config.modality == "image":
+        shape = (batch_size, config.in_channels, config.resolution, config.resolution)
+        batch = torch.rand(shape, generator=generator) * 2 - 1
+    else:
+        batch = torch.randint(0, 256, (batch_size, config.seq_len), generator=generator)
+
+    def step(i: int) -> None:
+        with fast_autocast("cpu"):
+            out = model(batch)
+            if disc is not None:
+                disc.requires_grad_(False)
+            loss, _ = objective.generator_loss(out.reconstruction, batch, out.quantizer_loss, i, model.last_layer)
+        ae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ae_opt.step()
+        if disc is not None:
+            disc.requires_grad_(True)
+            with fast_autocast("cpu"):
+                d_loss, _ = objective.discriminator_loss(out.reconstruction.detach(), batch)
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+
+    return _time_steps(step, warmup, steps)
+
+
+def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_size: int, warmup: int,
+                        steps: int) -> float:
+    from stage2_prior.train import code_loss
+
+    num_codes = 1
+    for side in config.latent_shape:
+        num_codes *= side
+    layout = TokenLayout(config.codebook_size, num_classes, num_codes)
+    prior = build_prior(preset, layout)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    sequence = torch.randint(0, config.codebook_size, (batch_size, num_codes + 1),
+                             generator=torch.Generator().manual_seed(0))
+
+    def step(i: int) -> None:
+        with fast_autocast("cpu"):
+            loss = code_loss(prior, sequence)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return _time_steps(step, warmup, steps)
+
+
+def probe_step_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, perceptual: str,
+                       warmup: int = 3, steps: int = 8) -> StepSeconds:
+    """Time `steps` training steps of each job of `budget` on this machine (after `warmup` untimed ones)."""
+    def config(variant: str) -> VQConfig:
+        return VQConfig.from_preset(budget.tokenizer_preset, variant=variant, modality=modality,
+                                    in_channels=in_channels, perceptual_backend=perceptual, disc_start=0)
+
+    torch.manual_seed(0)
+    vqvae = config("vqvae")
+    return StepSeconds(
+        vqvae=_tokenizer_step_seconds(vqvae, budget.tokenizer_batch, warmup, steps),
+        vqgan=_tokenizer_step_seconds(config("vqgan"), budget.tokenizer_batch, warmup, steps),
+        prior=_prior_step_seconds(vqvae, budget.prior_preset, num_classes, budget.prior_batch, warmup, steps))

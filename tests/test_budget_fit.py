@@ -1,0 +1,81 @@
+"""Fitting a budget's steps to a wall-clock target: the arithmetic, the probe, and how `vqgen compare` uses it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from pipelines import budget_fit
+from pipelines.budget_fit import StepSeconds, describe_fit, fit_budget, predicted_training_seconds, probe_step_seconds
+from pipelines.budgets import Budget, CompareArguments, budget_for
+from pipelines.compare import fitted_budget
+
+BUDGET = Budget(tokenizer_preset="tiny", tokenizer_steps=1200, tokenizer_batch=8, disc_start=400, prior_preset="tiny",
+                prior_steps=1000, prior_batch=8, num_eval_samples=40, guidance_scale=2.0, train_minutes=10)
+SECONDS = StepSeconds(vqvae=0.1, vqgan=0.2, prior=0.05)  # 1200 * 0.3 + 2 * 1000 * 0.05 = 460 s before overhead
+
+
+def test_the_prediction_prices_both_tokenizers_and_both_priors():
+    assert predicted_training_seconds(BUDGET, SECONDS, overhead=1.0) == pytest.approx(460.0)
+    assert predicted_training_seconds(BUDGET, SECONDS, overhead=1.5) == pytest.approx(690.0)
+
+
+def test_a_budget_that_fits_is_kept_as_it_is():
+    fitted, info = fit_budget(BUDGET, SECONDS, overhead=1.0)  # 7.7 min predicted for 10
+    assert fitted == BUDGET and info["scale"] == 1.0
+    assert info["predicted_minutes"] == pytest.approx(460 / 60)
+    assert describe_fit(BUDGET, fitted, info).startswith("fits: 8 min predicted for a target of 10 min")
+
+
+def test_a_slow_machine_gets_both_stages_scaled_by_one_factor():
+    slow = dataclasses.replace(BUDGET, train_minutes=460 / 60 / 2)  # half the predicted time
+    fitted, info = fit_budget(slow, SECONDS, overhead=1.0)
+    assert info["scale"] == pytest.approx(0.5)
+    assert (fitted.tokenizer_steps, fitted.prior_steps, fitted.disc_start) == (600, 500, 200)
+    assert info["fitted_minutes"] == pytest.approx(slow.train_minutes)  # exactly half, so no rounding loss
+    assert fitted.tokenizer_batch == BUDGET.tokenizer_batch and fitted.guidance_scale == BUDGET.guidance_scale
+    assert "tokenizer 1200 -> 600 steps (GAN from 200), prior 1000 -> 500 steps" in describe_fit(slow, fitted, info)
+    # Rounded down to multiples of 50, never below 50.
+    tiny_target = dataclasses.replace(BUDGET, train_minutes=0.01)
+    fitted, _ = fit_budget(tiny_target, SECONDS, overhead=1.0)
+    assert (fitted.tokenizer_steps, fitted.prior_steps) == (50, 50)
+
+
+def test_the_probe_times_real_steps_of_each_stage():
+    seconds = probe_step_seconds(dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2), "image", 1, 10,
+                                 "random-vgg", warmup=1, steps=2)
+    for value in dataclasses.astuple(seconds):
+        assert math.isfinite(value) and value > 0
+
+
+def test_compare_fits_once_keeps_the_fit_and_never_touches_explicit_steps(tmp_path, monkeypatch):
+    calls = []
+
+    def probe(*args, **kwargs):
+        calls.append(args)
+        return StepSeconds(vqvae=1.0, vqgan=2.0, prior=0.5)  # the standard budget would take far over 10 min
+
+    monkeypatch.setattr(budget_fit, "probe_step_seconds", probe)
+    arguments = CompareArguments(budget="standard", train_minutes=10, output_dir=str(tmp_path))
+    budget = arguments.resolved_budget()
+    fitted, note = fitted_budget(arguments, budget, "digits", 10, tmp_path)
+    assert len(calls) == 1 and fitted.tokenizer_steps < budget.tokenizer_steps and "scaled by" in note
+    record = json.loads((tmp_path / "budget_fit.json").read_text())
+    assert record["fitted"]["tokenizer_steps"] == fitted.tokenizer_steps
+    again, _ = fitted_budget(arguments, budget, "digits", 10, tmp_path)  # reused: no second probe
+    assert again == fitted and len(calls) == 1
+    explicit = CompareArguments(budget="standard", train_minutes=10, prior_steps=700, output_dir=str(tmp_path))
+    kept, note = fitted_budget(explicit, explicit.resolved_budget(), "digits", 10, tmp_path)
+    assert kept.prior_steps == 700 and kept.tokenizer_steps == budget.tokenizer_steps
+    assert note == "not fitted to 10 min: prior_steps given explicitly" and len(calls) == 1
+    off = CompareArguments(budget="standard", train_minutes=0, output_dir=str(tmp_path))
+    assert fitted_budget(off, off.resolved_budget(), "digits", 10, tmp_path) == (off.resolved_budget(), None)
+
+
+def test_a_bad_time_target_is_refused():
+    with pytest.raises(ValueError, match="--train-minutes must be a finite number >= 0.0, got -1"):
+        CompareArguments(train_minutes=-1)
+    assert budget_for("quick", "image").train_minutes is None  # the quick budget runs its steps as they are
