@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import VQConfig
+from .configuration import PAD_BYTE, VQConfig
 from .discriminator import build_discriminator
 
 # VGG16 `features` indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (the LPIPS taps).
@@ -99,6 +99,13 @@ def build_perceptual(backend: str, depth: int = 5) -> nn.Module | None:
     raise ValueError(f"perceptual_backend={backend!r}; expected 'lpips', 'random-vgg' or 'none'")
 
 
+def text_targets(byte_ids: torch.Tensor) -> torch.Tensor:
+    """Byte targets with padding ignored (-100) after the first pad, which stays: it marks where the text ends,
+    so the decoder learns to end a text; what follows it is padding and never enters the loss."""
+    after_end = (byte_ids == PAD_BYTE).long().cumsum(1) > 1
+    return byte_ids.masked_fill(after_end, -100)
+
+
 def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Hinge loss for the discriminator: mean(relu(1 - D(x))) + mean(relu(1 + D(G(z)))), halved."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -184,9 +191,10 @@ class TokenizerObjective(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def reconstruction_loss(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """VQ-VAE: MSE (images) or byte cross-entropy (text); VQGAN: L1 (+ L2) (images) or cross-entropy (text)."""
+        """VQ-VAE: MSE (images) or byte cross-entropy (text); VQGAN: L1 (+ L2) (images) or cross-entropy (text).
+        Text: the mean over the bytes up to and including the first pad (`text_targets`)."""
         if self.config.modality == "text":
-            return F.cross_entropy(reconstruction.float(), target, ignore_index=-100)
+            return F.cross_entropy(reconstruction.float(), text_targets(target), ignore_index=-100)
         reconstruction = reconstruction.float()
         if not self.is_gan:
             return F.mse_loss(reconstruction, target)

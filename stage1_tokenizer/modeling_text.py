@@ -35,6 +35,15 @@ def bytes_to_strings(byte_ids: torch.Tensor) -> list[str]:
     return texts
 
 
+def codes_up_to_end(byte_ids: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """(B, L) byte ids -> (B,) the number of codes up to and including the one that holds the first pad (the
+    text's end), or all `num_codes` when there is no pad: the later codes encode padding alone."""
+    seq_len = byte_ids.shape[1]
+    is_pad = byte_ids == PAD_BYTE
+    first_pad = torch.where(is_pad.any(1), is_pad.long().argmax(1), torch.full_like(byte_ids[:, 0], seq_len))
+    return torch.clamp(first_pad // (seq_len // num_codes) + 1, max=num_codes)
+
+
 class TextEncoder(nn.Module):
     """Byte ids (B, L) -> latents (B, codebook_dim, L/f) through byte embeddings and 1-D convolutions."""
 

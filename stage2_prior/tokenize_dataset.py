@@ -12,6 +12,7 @@ import torch
 
 from stage1_tokenizer.data import ImageDataset, load_split, text_dataset
 from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.modeling_text import codes_up_to_end
 from stage1_tokenizer.precision import fast_autocast
 
 DEFAULT_CACHE = Path(os.environ.get("VQGEN_CACHE", Path.home() / ".cache" / "vqgen")) / "codes"
@@ -42,9 +43,13 @@ def build_code_cache(
     cache_dir: Path | None = None,
     batch_size: int = 256,
 ) -> tuple[datasets.Dataset, list[str] | None, bool]:
-    """Codes for every record of a split: returns (Dataset with 'codes' and 'label', class names, cache_hit)."""
+    """Codes for every record of a split: returns (Dataset with 'codes' and 'label', class names, cache_hit).
+
+    Text also gets 'length': the codes up to the text's end (`codes_up_to_end`); the prior's loss ignores the rest.
+    """
     data, source = source_dataset(tokenizer, dataset, split)
-    key = f"{data.fingerprint}-{tokenizer_fingerprint(tokenizer)}"
+    text = tokenizer.config.modality == "text"
+    key = f"{data.fingerprint}-{tokenizer_fingerprint(tokenizer)}" + ("-length" if text else "")
     path = Path(cache_dir or DEFAULT_CACHE) / key.replace("/", "_")
     if (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path)), data.class_names, True
@@ -57,7 +62,10 @@ def build_code_cache(
         inputs = torch.stack([item[0] for item in items]).to(device)
         with fast_autocast(device):
             codes = tokenizer.encode(inputs).flatten(1)  # (B, h*w) raster order, or (B, n)
-        return {"codes": codes.cpu().tolist(), "label": [int(item[1]) for item in items]}
+        columns = {"codes": codes.cpu().tolist(), "label": [int(item[1]) for item in items]}
+        if text:
+            columns["length"] = codes_up_to_end(inputs, codes.shape[1]).cpu().tolist()
+        return columns
 
     indices = datasets.Dataset.from_dict({"index": list(range(len(source)))})
     encoded = indices.map(
@@ -72,7 +80,9 @@ def build_code_cache(
     return datasets.load_from_disk(str(path)), data.class_names, False
 
 
-def codes_tensor(encoded: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, num_codes) long codes and (N,) labels (-1 where unlabelled) from a cached split."""
+def codes_tensor(encoded: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(N, num_codes) long codes, (N,) labels (-1 where unlabelled) and, for text, (N,) codes up to the text's end
+    (None for images: every code counts) from a cached split."""
     columns = encoded.with_format("torch")[:]  # one batch of every row: {'codes': (N, n), 'label': (N,)}
-    return columns["codes"].long(), columns["label"].long()
+    lengths = columns["length"].long() if "length" in columns else None
+    return columns["codes"].long(), columns["label"].long(), lengths

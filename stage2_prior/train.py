@@ -53,24 +53,33 @@ def sequence_batch(layout: TokenLayout, codes: torch.Tensor, labels: torch.Tenso
     return torch.cat([first.unsqueeze(1), codes], dim=1)  # (B, 1 + num_codes)
 
 
-def code_loss(prior, sequence: torch.Tensor) -> torch.Tensor:
-    """Mean next-code cross-entropy (nats): the last input token is never fed."""
+def code_loss(prior, sequence: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-code cross-entropy (nats): the last input token is never fed. With `lengths` (text), only each
+    row's first `lengths` codes count: the rest encode padding after the text's end."""
     logits = prior(input_ids=sequence[:, :-1]).logits  # (B, num_codes, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), sequence[:, 1:].flatten())
+    targets = sequence[:, 1:]
+    if lengths is not None:
+        positions = torch.arange(targets.shape[1], device=targets.device)
+        targets = targets.masked_fill(positions >= lengths.to(targets.device)[:, None], -100)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()
-def validation_loss(accelerator, prior, layout, codes, labels, conditional, batch_size: int = 256) -> dict:
-    """Per-code NLL (nats) and bits per code on the evaluation split, with the true labels."""
+def validation_loss(accelerator, prior, layout, codes, labels, conditional, lengths=None,
+                    batch_size: int = 256) -> dict:
+    """Per-code NLL (nats) and bits per code on the evaluation split, with the true labels (text: the codes up to
+    each text's end)."""
     prior.eval()
     total, count = 0.0, 0
     for start in range(0, len(codes), batch_size):
         batch = codes[start : start + batch_size].to(accelerator.device)
         first = layout.condition_tokens(labels[start : start + batch_size] if conditional else None, len(batch))
         sequence = torch.cat([first.to(batch.device).unsqueeze(1), batch], dim=1)
+        kept = lengths[start : start + batch_size] if lengths is not None else None
+        counted = int(kept.sum()) if kept is not None else batch.numel()
         with accelerator.autocast():
-            total += float(code_loss(prior, sequence)) * len(batch)
-        count += len(batch)
+            total += float(code_loss(prior, sequence, kept)) * counted
+        count += counted
     prior.train()
     nll = total / max(count, 1)
     return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
@@ -91,10 +100,11 @@ def main(args: PriorTrainingArguments) -> None:
     if args.class_conditional and not class_names:
         raise DataError(f"--class-conditional needs a labelled data set; {args.dataset!r} has no 'label' column")
     conditional = bool(args.class_conditional)
-    train_x, train_y = codes_tensor(train_codes)
-    eval_x, eval_y = codes_tensor(eval_codes)
+    train_x, train_y, train_lengths = codes_tensor(train_codes)
+    eval_x, eval_y, eval_lengths = codes_tensor(eval_codes)
     if len(eval_x) > args.max_eval_items:
         eval_x, eval_y = eval_x[: args.max_eval_items], eval_y[: args.max_eval_items]
+        eval_lengths = eval_lengths[: args.max_eval_items] if eval_lengths is not None else None
     layout = TokenLayout(tokenizer.config.codebook_size, len(class_names) if conditional else 0, train_x.shape[1])
 
     batch_size = args.batch_size
@@ -144,7 +154,7 @@ def main(args: PriorTrainingArguments) -> None:
         sequence = sequence_batch(layout, train_x[index], train_y[index], args.label_dropout, step, args.seed,
                                   conditional).to(accelerator.device)
         with accelerator.autocast():
-            loss = train_loss(prior, sequence)
+            loss = train_loss(prior, sequence, train_lengths[index] if train_lengths is not None else None)
         if guard.check(loss):
             window.add({"loss": loss})
             optimizer.zero_grad(set_to_none=True)
@@ -160,7 +170,7 @@ def main(args: PriorTrainingArguments) -> None:
             raise guard.stop(step, "lower the learning rate")
         row = {}
         if step % every["eval_every"] == 0 or step == args.max_steps:
-            row.update(validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional))
+            row.update(validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional, eval_lengths))
         if step % every["log_every"] == 0 or row:
             loss_value = accelerator.reduce(window.mean().get("loss", loss.detach().float()), reduction="mean")
             row = logger.log(step, {"loss": loss_value, "bits_per_code": loss_value / math.log(2),
@@ -176,7 +186,7 @@ def main(args: PriorTrainingArguments) -> None:
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
-        final = validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional)
+        final = validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional, eval_lengths)
         metadata["prior_metrics"] = final
         save_weights(output_dir, tokenizer, unwrapped)
         preview = sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)

@@ -251,8 +251,9 @@ def test_code_cache_hit_and_miss(pipeline_tokenizer_dir, tmp_path, monkeypatch):
     first, class_names, hit = build_code_cache(tokenizer, "digits", "eval", cache_dir=tmp_path)
     assert not hit
     assert class_names == [str(i) for i in range(10)]
-    codes, labels = codes_tensor(first)
+    codes, labels, lengths = codes_tensor(first)
     assert codes.shape == (len(first), 64) and labels.shape == (len(first),)
+    assert lengths is None  # images: every code counts
     assert codes.min() >= 0 and codes.max() < tokenizer.config.codebook_size
     assert set(labels.tolist()) == set(range(10))
 
