@@ -265,8 +265,8 @@ def _guidance_sweep_view(figures: FigureFiles, paths: dict, result: CompareResul
     budget_scale = result.settings.get("guidance_scale")
     caption = (f"Samples at each guidance scale ({sweep.get('num_samples')} per point, the same class histogram as the "
                f"training images they are scored against; the test split is not used). The report's samples use "
-               f"scale {budget_scale}, chosen on held-out training data. Higher scales follow the label more "
-               f"closely and cover less of each class.")
+               f"the budget's scale, {budget_scale}. Higher scales follow the label more closely and cover less of "
+               f"each class.")
     return {**figures.figure(paths["guidance_sweep"], "guidance sweep", False), "caption": caption}
 
 
