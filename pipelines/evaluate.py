@@ -66,6 +66,17 @@ def guidance_sweep(pipes: dict[str, VQPipeline], classifier, reference: torch.Te
     return sweep
 
 
+def _same_labels(labels: torch.Tensor, wanted: list[int]) -> torch.Tensor | None:
+    """Indices into `labels` with exactly the label multiset `wanted` (each used once), or None when too few.
+
+    At a few hundred images FD-classifier depends on the class histogram: the sweep's samples share the
+    reference's labels, so its real floor must too."""
+    pools = {c: (labels == c).nonzero().flatten().tolist() for c in set(wanted)}
+    if any(len(pools[c]) < wanted.count(c) for c in pools):
+        return None
+    return torch.tensor([pools[c].pop() for c in wanted])
+
+
 def _per_class_images(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
     rows = []
     for c in range(num_classes):
@@ -153,11 +164,13 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     results["generation"]["real"]["high_frequency_ratio"] = high_frequency_ratio(real_train, real_test)
     spectrum_figure(spectra).savefig(figures / "power_spectrum.png", format="png", dpi=100)
     results["figures"]["spectrum"] = "figures/power_spectrum.png"
-    if conditional:  # training images only: two disjoint sets of n, one the reference, one the real floor
+    if conditional:  # training images only: the reference, and a disjoint real set with the same labels (floor)
         n = min(SWEEP_SAMPLES, len(real_train) // 2)
         reference, reference_labels = real_train[:n], train_labels[:n].tolist()
         rows = guidance_sweep(pipes, classifier, reference, reference_labels, seed)
-        real_fd = image_baseline_metrics(classifier, real_train[n:2 * n], reference, seed=seed)["fd_classifier"]
+        floor = _same_labels(train_labels[n:], reference_labels)
+        real_fd = (image_baseline_metrics(classifier, real_train[n:][floor], reference, seed=seed)["fd_classifier"]
+                   if floor is not None else None)
         results["guidance_sweep"] = {"num_samples": n, "real_fd_classifier": real_fd, "rows": rows}
         guidance_sweep_figure(rows, real_fd).savefig(figures / "guidance_sweep.png", format="png", dpi=100)
         results["figures"]["guidance_sweep"] = "figures/guidance_sweep.png"

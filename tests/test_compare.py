@@ -69,7 +69,8 @@ def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_b
     for figure in metrics["figures"]["samples"].values():
         assert (out / figure).is_file()
     sweep = metrics["guidance_sweep"]  # against training images: 20 per point (half the 40 loaded)
-    assert sweep["num_samples"] == 20 and sweep["real_fd_classifier"] > 0
+    assert sweep["num_samples"] == 20  # (the real floor needs the 20 other images to hold the same labels)
+    assert sweep["real_fd_classifier"] is None or sweep["real_fd_classifier"] > 0
     for variant in ("vqvae", "vqgan"):
         assert [row["guidance_scale"] for row in sweep["rows"][variant]] == [1.0, 1.5, 2.0, 3.0, 4.0]
         assert all(row["fd_classifier"] > 0 and 0 <= row["class_accuracy"] <= 1 for row in sweep["rows"][variant])

@@ -512,3 +512,12 @@ def test_power_spectrum_of_a_cosine_on_a_hand_computed_case():
     expected[cycles - 1] = 2 * (size**2 / 2) ** 2 / ring
     assert frequencies == pytest.approx(np.arange(1, size // 2 + 1) / size)
     assert power == pytest.approx(expected, abs=1e-6)
+
+
+def test_the_sweep_floor_takes_other_images_with_exactly_the_reference_labels():
+    from pipelines.evaluate import _same_labels
+
+    labels = torch.tensor([0, 1, 1, 2, 0, 1, 2, 2])
+    picked = _same_labels(labels, [1, 2, 1])
+    assert sorted(labels[picked].tolist()) == [1, 1, 2] and len(set(picked.tolist())) == 3
+    assert _same_labels(labels, [0, 0, 0]) is None  # only two images of class 0
