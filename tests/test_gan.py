@@ -125,7 +125,7 @@ def test_median_centring_balances_the_accuracies_where_a_tail_skews_the_mean():
     # The means (0.825, -0.3) put the offset at +0.2625: shifting it to 0 would leave 3 of the 4 real patches
     # below 0. The medians (lower middle: 0.1 and -0.3) put it at -0.1, and shifting that to 0 leaves every
     # real patch above 0 and every fake patch below.
-    assert float(centring_penalty(real, fake)) == pytest.approx(0.2625**2)
+    assert float(centring_penalty(real, fake).detach()) == pytest.approx(0.2625**2)
     penalty = centring_penalty(real, fake, "median")
     assert float(penalty.detach()) == pytest.approx(0.01)
     penalty.backward()
