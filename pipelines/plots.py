@@ -173,7 +173,6 @@ def guidance_sweep_figure(sweep: dict, real_fd: float | None):
         accuracy_axis.plot(scales, [100 * row["class_accuracy"] for row in rows], **style)
     if is_number(real_fd):
         fd_axis.axhline(real_fd, color="#1f2328", linestyle=":", linewidth=1.0, label="real images (same N)")
-    fd_axis.set_yscale("log")
     fd_axis.set(xlabel="guidance scale", ylabel="FD-classifier (lower is better)")
     fd_axis.set_title("Samples against training images", fontsize=11)
     accuracy_axis.set(xlabel="guidance scale", ylabel="class-conditional accuracy (%)")
