@@ -44,9 +44,10 @@ def test_a_slow_machine_gets_both_stages_scaled_by_one_factor():
     assert (fitted.tokenizer_steps, fitted.prior_steps) == (50, 50)
 
 
-def test_the_probe_times_real_steps_of_each_stage():
-    seconds = probe_step_seconds(dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2), "image", 1, 10,
-                                 "random-vgg", warmup=1, steps=2)
+@pytest.mark.parametrize("modality, num_classes", [("image", 10), ("text", 0)])
+def test_the_probe_times_real_steps_of_each_stage(modality, num_classes):
+    seconds = probe_step_seconds(dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2), modality, 1,
+                                 num_classes, "random-vgg", warmup=1, steps=2)
     for value in dataclasses.astuple(seconds):
         assert math.isfinite(value) and value > 0
 
