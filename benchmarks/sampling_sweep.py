@@ -27,23 +27,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from pipelines.classifier import load_images, load_or_train_classifier  # noqa: E402
-from pipelines.image_metrics import image_baseline_metrics, image_generation_metrics  # noqa: E402
+from pipelines.evaluate import score_sampling  # noqa: E402
+from pipelines.image_metrics import image_baseline_metrics  # noqa: E402
 from pipelines.pipeline import VQPipeline  # noqa: E402
 from stage1_tokenizer.data import load_split  # noqa: E402
-
-KEYS = ("fd_classifier", "kid_mean", "precision", "recall", "class_accuracy")
-
 
 def sweep_pipeline(pipe: VQPipeline, name: str, settings, classifier, held_out, labels, seed: int) -> list[dict]:
     rows = []
     for guidance, temperature, top_k in settings:
         start = time.time()
-        images = pipe.generate(num_samples=len(labels), class_labels=labels, guidance_scale=guidance,
-                               temperature=temperature, top_k=top_k or None, seed=seed, batch_size=250,
-                               output_type="pt").images * 2 - 1
-        metrics = image_generation_metrics(classifier, held_out, images, labels, seed=seed)
+        metrics = score_sampling(pipe, classifier, held_out, labels, seed, guidance, temperature, top_k or None)
         rows.append({"pipeline": name, "guidance": guidance, "temperature": temperature, "top_k": top_k or "-",
-                     **{key: metrics.get(key) for key in KEYS}, "seconds": time.time() - start})
+                     **metrics, "seconds": time.time() - start})
         print(f"{name} guidance {guidance} temperature {temperature} top-k {top_k or '-'}: FD-classifier "
               f"{metrics['fd_classifier']:.3f}, KID {metrics['kid_mean']:.3f}, class acc. "
               f"{metrics['class_accuracy']:.3f}", flush=True)

@@ -11,6 +11,7 @@ fair; a machine fast enough keeps the budget as it is. Step counts given explici
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 
@@ -125,9 +126,7 @@ def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_s
                         steps: int) -> float:
     from stage2_prior.train import code_loss
 
-    num_codes = 1
-    for side in config.latent_shape:
-        num_codes *= side
+    num_codes = math.prod(config.latent_shape)
     layout = TokenLayout(config.codebook_size, num_classes, num_codes)
     prior = build_prior(preset, layout)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.95))
