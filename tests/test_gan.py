@@ -177,6 +177,7 @@ def test_fixed_weighting_uses_the_constant_and_logs_no_adaptive_weight():
 
 @pytest.mark.parametrize("field, value, message", [
     ("disc_norm", "layer", "disc_norm"), ("gan_weighting", "auto", "gan_weighting"),
+    ("disc_centring", "trimmed", "disc_centring='trimmed' is not supported"),
     ("disc_train_start", 5000, "disc_train_start"), ("lecam_weight", -1.0, "lecam_weight"),
     ("disc_spectral_norm", "false", "disc_spectral_norm"), ("l2_normalize", "false", "l2_normalize"),
 ])
