@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_model, save_model
+from torch.optim.swa_utils import AveragedModel
 
 from .precision import bf16_is_fast
 
@@ -494,6 +496,41 @@ def save_pretrained_atomic(model, output_dir: Path) -> None:
     for item in staging.iterdir():
         os.replace(item, output_dir / item.name)
     staging.rmdir()
+
+
+def weight_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of `model`'s parameters (torch's AveragedModel; call `update_parameters(model)`
+    after each optimizer step). After n updates the decay is min(decay, (1 + n) / (10 + n)), as in timm and
+    diffusers, so the random initial weights have faded after a few dozen steps instead of ~1 / (1 - decay)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = float(updates)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    average = AveragedModel(model, multi_avg_fn=update, use_buffers=False)
+    average.requires_grad_(False)
+    return average
+
+
+def checkpoint_module(accelerator, module: torch.nn.Module, name: str) -> None:
+    """Keep `module` (e.g. a weight EMA) in every checkpoint `accelerator.save_state` writes, as `<name>.safetensors`,
+    and read it back in `load_state`; a checkpoint without it is refused by name."""
+    filename = f"{name}.safetensors"
+
+    def save(models, weights, output_dir) -> None:
+        if accelerator.is_main_process:
+            save_model(module, str(Path(output_dir) / filename))
+
+    def load(models, input_dir) -> None:
+        path = Path(input_dir) / filename
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {input_dir} has no {filename}: it was saved by a run without {name}; "
+                                  f"resume with the settings it was started with")
+        load_model(module, str(path), device=str(next(module.parameters()).device))
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 class LogWindow:

@@ -33,6 +33,9 @@ class PriorTrainingArguments:
     weight_decay: float = 0.05
     label_dropout: float = field(default=0.1, metadata=described("probability of the null class (for guidance)"))
     grad_clip: float = 1.0
+    weight_ema: float | None = field(default=None, metadata=described(
+        "also keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the "
+        "first steps); validation, sample grids and the saved pipeline then use the average"))
     cache_dir: str | None = field(default=None,
                                  metadata=described("where code caches live (default ~/.cache/vqgen/codes)"))
     max_eval_items: int = field(default=2000, metadata=described("cap on validation sequences"))
@@ -58,6 +61,8 @@ class PriorTrainingArguments:
         check_finite(self, ("weight_decay",), strict=False)
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
+            raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
 

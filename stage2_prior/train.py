@@ -28,6 +28,7 @@ from stage1_tokenizer.train_utils import (
     catch_interrupts,
     check_compile_available,
     check_run_identity,
+    checkpoint_module,
     claim_output_dir,
     file_sha256,
     mixed_precision_mode,
@@ -35,6 +36,7 @@ from stage1_tokenizer.train_utils import (
     run_cli,
     save_checkpoint,
     tune_allocator,
+    weight_ema,
 )
 
 from .arguments import PriorTrainingArguments
@@ -121,6 +123,12 @@ def main(args: PriorTrainingArguments) -> None:
         check_compile_available()
         train_loss = torch.compile(code_loss)
 
+    unwrapped = accelerator.unwrap_model(prior)
+    ema = weight_ema(unwrapped, args.weight_ema) if args.weight_ema else None
+    if ema is not None:
+        checkpoint_module(accelerator, ema, "weight_ema")
+    evaluated = ema.module if ema is not None else unwrapped  # what validation, previews and the pipeline use
+
     step = 0
     identity = {"dataset": args.dataset, "preset": args.preset, "class_conditional": conditional,
                 "tokenizer_sha256": file_sha256(Path(args.tokenizer) / "model.safetensors"), "layout": dataclasses.asdict(layout)}
@@ -141,7 +149,6 @@ def main(args: PriorTrainingArguments) -> None:
                                     accelerator.process_index, accelerator.num_processes))
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     every = {k: getattr(args, k) for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
-    unwrapped = accelerator.unwrap_model(prior)
     class_names = class_names if conditional else None
     metadata = {"dataset": args.dataset, "prior_preset": args.preset, "train_steps": args.max_steps, "seed": args.seed}
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
@@ -161,6 +168,8 @@ def main(args: PriorTrainingArguments) -> None:
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(prior.parameters(), args.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(unwrapped)
         scheduler.step()
         step += 1
         rebalance_threads()
@@ -170,7 +179,7 @@ def main(args: PriorTrainingArguments) -> None:
             raise guard.stop(step, "lower the learning rate")
         row = {}
         if step % every["eval_every"] == 0 or step == args.max_steps:
-            row.update(validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional, eval_lengths))
+            row.update(validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths))
         if step % every["log_every"] == 0 or row:
             loss_value = accelerator.reduce(window.mean().get("loss", loss.detach().float()), reduction="mean")
             row = logger.log(step, {"loss": loss_value, "bits_per_code": loss_value / math.log(2),
@@ -179,17 +188,20 @@ def main(args: PriorTrainingArguments) -> None:
             progress.set_postfix(loss=f"{row['loss']:.3f}")
             tick = time.time()
         if step % every["sample_every"] == 0 and accelerator.is_main_process:
-            sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
+            sample_preview(tokenizer, evaluated, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
         if step % every["checkpoint_every"] == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
         interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
-        final = validation_loss(accelerator, prior, layout, eval_x, eval_y, conditional, eval_lengths)
+        final = validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths)
         metadata["prior_metrics"] = final
-        save_weights(output_dir, tokenizer, unwrapped)
-        preview = sample_preview(tokenizer, unwrapped, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
+        if ema is not None:  # the same validation on the trained weights themselves, for comparison
+            raw = validation_loss(accelerator, unwrapped, layout, eval_x, eval_y, conditional, eval_lengths)
+            metadata.update(weight_ema=args.weight_ema, prior_metrics_without_ema=raw)
+        save_weights(output_dir, tokenizer, evaluated)
+        preview = sample_preview(tokenizer, evaluated, layout, output_dir / "samples" / f"step_{step:07d}.png", args.seed)
         if preview.suffix == ".png":
             shutil.copyfile(preview, output_dir / SAMPLE_GRID)
         save_metadata(output_dir, tokenizer, layout, class_names, metadata)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import stage2_prior.train as prior_train
 from pipelines.pipeline import VQPipeline
 from stage1_tokenizer.modeling import VQModel
+from stage1_tokenizer.train_utils import weight_ema
 from stage2_prior.modeling import TokenLayout, build_prior
 from stage2_prior import sampling
 from stage2_prior.sampling import filter_logits, sample_codes
@@ -308,12 +309,13 @@ def _train(tokenizer_dir, cache_dir, output_dir, *extra: str) -> None:
                      "--sample-every", "1000", "--max-eval-items", "16", *extra])
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
+@pytest.mark.parametrize(("precision", "extra"), [("no", ()), ("bf16", ()), ("no", ("--weight-ema", "0.9"))])
 def test_resume_after_interruption_is_exact(pipeline_tokenizer_dir, code_cache_dir, tmp_path, monkeypatch,
-                                            fresh_accelerate_state, precision):
-    """An 8-step run killed after its step-4 checkpoint, then resumed, ends bit-identical to an uninterrupted one."""
+                                            fresh_accelerate_state, precision, extra):
+    """An 8-step run killed after its step-4 checkpoint, then resumed, ends bit-identical to an uninterrupted one
+    (with a weight EMA too: the checkpoint carries the average)."""
     args = (pipeline_tokenizer_dir, code_cache_dir)
-    _train(*args, tmp_path / "straight", "--max-steps", "8", "--mixed-precision", precision)
+    _train(*args, tmp_path / "straight", "--max-steps", "8", "--mixed-precision", precision, *extra)
 
     fresh_accelerate_state()
     original = prior_train.sequence_batch
@@ -325,11 +327,11 @@ def test_resume_after_interruption_is_exact(pipeline_tokenizer_dir, code_cache_d
 
     monkeypatch.setattr(prior_train, "sequence_batch", crash_at_step_5)
     with pytest.raises(_Interrupted):
-        _train(*args, tmp_path / "resumed", "--max-steps", "8", "--mixed-precision", precision)
+        _train(*args, tmp_path / "resumed", "--max-steps", "8", "--mixed-precision", precision, *extra)
     monkeypatch.setattr(prior_train, "sequence_batch", original)
     assert not (tmp_path / "resumed" / "prior").exists()
     fresh_accelerate_state()
-    _train(*args, tmp_path / "resumed", "--max-steps", "8", "--mixed-precision", precision, "--resume")
+    _train(*args, tmp_path / "resumed", "--max-steps", "8", "--mixed-precision", precision, "--resume", *extra)
 
     straight = load_file(tmp_path / "straight" / "prior" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "prior" / "model.safetensors")
@@ -343,6 +345,42 @@ def test_resume_after_interruption_is_exact(pipeline_tokenizer_dir, code_cache_d
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
     assert [step for step, _ in losses(tmp_path / "straight")] == list(range(1, 9))
+    if extra:  # the pipeline holds the average, not the last weights; the checkpoint holds both
+        checkpoint = tmp_path / "straight" / "checkpoints" / "step_8"
+        last = load_file(checkpoint / "model.safetensors")
+        average = load_file(checkpoint / "weight_ema.safetensors")
+        assert all(torch.equal(straight[name], average[f"module.{name}"]) for name in straight)
+        assert not all(torch.equal(straight[name], last[name]) for name in straight)
+        assert int(average["n_averaged"]) == 8
+        metadata = json.loads((tmp_path / "straight" / "pipeline_config.json").read_text())["metadata"]
+        assert metadata["weight_ema"] == 0.9
+        assert metadata["prior_metrics_without_ema"]["val_nll"] != metadata["prior_metrics"]["val_nll"]
+
+
+def test_weight_ema_warms_up_then_holds_its_decay():
+    """After n updates the average moves by 1 - min(decay, (1 + n) / (10 + n)) towards the weights; the first
+    update copies them."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    average = weight_ema(model, decay=0.2)
+    expected = None
+    for n, value in enumerate([1.0, -2.0, 4.0, 8.0]):
+        model.weight.data.fill_(value)
+        average.update_parameters(model)
+        rate = 1.0 - min(0.2, (1 + n) / (10 + n))
+        expected = value if expected is None else expected + rate * (value - expected)
+        assert average.module.weight.item() == pytest.approx(expected, rel=1e-6), n
+    assert expected != pytest.approx(8.0)  # it averages, and 0.2 capped the decay from the third update on
+
+
+def test_resuming_without_the_weight_ema_it_needs_is_refused(pipeline_tokenizer_dir, code_cache_dir, tmp_path,
+                                                               capsys, fresh_accelerate_state):
+    args = (pipeline_tokenizer_dir, code_cache_dir, tmp_path / "run")
+    _train(*args, "--max-steps", "4", "--mixed-precision", "no")
+    fresh_accelerate_state()
+    with pytest.raises(SystemExit) as stop:
+        _train(*args, "--max-steps", "8", "--mixed-precision", "no", "--resume", "--weight-ema", "0.9")
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "weight_ema.safetensors" in error, error
 
 
 def test_extending_a_finished_run_is_exact(pipeline_tokenizer_dir, code_cache_dir, tmp_path, fresh_accelerate_state):
