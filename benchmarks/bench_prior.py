@@ -1,7 +1,8 @@
 """Stage-2 training speed: one optimizer step of a prior preset (default `small`, the standard budget's) on
 Fashion-MNIST's token layout (512 codes, 10 classes, 8x8 codes), through the real `stage2_prior.train.code_loss`
 under accelerate's autocast, AdamW and gradient clipping as training runs them. Modes: plain fp32 eager, the default
-path (`--mixed-precision auto`), the default path with `--compile` (the training loss under torch.compile, as
+path (`--mixed-precision auto`; on a CPU, "eager" attention), the same with SDPA attention (transformers' default),
+the default path with `--compile` (the training loss under torch.compile, as
 `stage2_prior.train --compile` does), and the default path at larger batches (what a bigger batch buys per token).
 One process, interleaved repeats; the warm-up (compilation included) is timed separately, and the compiled mode's
 break-even step count is the extra warm-up over the time it saves per step.
@@ -21,7 +22,7 @@ import torch  # noqa: E402  (after _common put the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from stage1_tokenizer.train_utils import mixed_precision_mode, tune_allocator  # noqa: E402
-from stage2_prior.modeling import PRIOR_PRESETS, TokenLayout, build_prior  # noqa: E402
+from stage2_prior.modeling import PRIOR_PRESETS, TokenLayout, build_prior, training_attention  # noqa: E402
 from stage2_prior.train import code_loss  # noqa: E402
 
 LAYOUT = TokenLayout(codebook_size=512, num_classes=10, num_codes=64)
@@ -30,8 +31,8 @@ LAYOUT = TokenLayout(codebook_size=512, num_classes=10, num_codes=64)
 class Mode:
     """One training setup (its own Accelerator, prior and optimizer) and its measurements."""
 
-    def __init__(self, name: str, precision: str, compiled: bool, batch_size: int, preset: str,
-                 device: torch.device):
+    def __init__(self, name: str, precision: str, compiled: bool, batch_size: int, attention: str | None,
+                 preset: str, device: torch.device):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
 
@@ -43,7 +44,7 @@ class Mode:
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu")
         torch.manual_seed(0)
         train = PRIOR_PRESETS[preset]["train"]
-        prior = build_prior(preset, LAYOUT)
+        prior = build_prior(preset, LAYOUT, attn_implementation=attention or training_attention(device))
         optimizer = torch.optim.AdamW(prior.parameters(), lr=train["learning_rate"], betas=(0.9, 0.95),
                                       weight_decay=0.05)
         self.prior, self.optimizer = self.accelerator.prepare(prior, optimizer)
@@ -86,14 +87,16 @@ def main(args: argparse.Namespace) -> None:
     tune_allocator()
     device = pick_device(args.device)
     env = environment(device)
-    specs = [("fp32 eager", "no", False, args.batches[0]), ("default", "auto", False, args.batches[0])]
+    size = args.batches[0]
+    specs = [("fp32 eager", "no", False, size, None), ("default", "auto", False, size, None),
+             ("default, SDPA attention", "auto", False, size, "sdpa")]
     if not args.no_compile:
-        specs.append(("default + --compile", "auto", True, args.batches[0]))
-    specs += [(f"default, batch {size}", "auto", False, size) for size in args.batches[1:]]
+        specs.append(("default + --compile", "auto", True, size, None))
+    specs += [(f"default, batch {size}", "auto", False, size, None) for size in args.batches[1:]]
     print(f"stage-2 training benchmark: `{args.preset}` prior, {LAYOUT.num_codes} codes + 1 condition token, "
           f"{args.steps} step(s) x {args.repeats} interleaved repeat(s) per mode, {env['torch_threads']} thread(s), "
           f"{env['cpu']}; load average {env['load_average_at_start']}", flush=True)
-    modes = [Mode(name, precision, compiled, size, args.preset, device) for name, precision, compiled, size in specs]
+    modes = [Mode(*spec, args.preset, device) for spec in specs]
     data = {}
     for mode in modes:
         data[mode.name] = mode.batches(args.warmup + args.steps, device)

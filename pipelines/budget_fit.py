@@ -21,7 +21,7 @@ from stage1_tokenizer.configuration import VQConfig
 from stage1_tokenizer.losses import TokenizerObjective
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.precision import fast_autocast
-from stage2_prior.modeling import TokenLayout, build_prior
+from stage2_prior.modeling import TokenLayout, build_prior, training_attention
 
 from .budgets import Budget
 
@@ -128,7 +128,7 @@ def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_s
 
     num_codes = math.prod(config.latent_shape)
     layout = TokenLayout(config.codebook_size, num_classes, num_codes)
-    prior = build_prior(preset, layout)
+    prior = build_prior(preset, layout, attn_implementation=training_attention(torch.device("cpu")))
     optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.95))
     sequence = torch.randint(0, config.codebook_size, (batch_size, num_codes + 1),
                              generator=torch.Generator().manual_seed(0))

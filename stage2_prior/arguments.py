@@ -43,6 +43,8 @@ class PriorTrainingArguments:
     cpu: bool = False
     threads: int | None = field(default=None, metadata=described(
         "CPU threads for torch (default: OMP_NUM_THREADS, else the cores other processes leave free; README, Threads)"))
+    attention: Literal["auto", "eager", "sdpa"] = field(default="auto", metadata=described(
+        "attention kernel for training (auto: eager on a CPU, where it measured faster, sdpa on a GPU)"))
     compile: bool = field(default=False, metadata=described("torch.compile the training loss"))
     log_every: int | None = None
     eval_every: int | None = None

@@ -41,7 +41,7 @@ from stage1_tokenizer.train_utils import (
 
 from .arguments import PriorTrainingArguments
 from .folder import SAMPLE_GRID, sample_preview, save_metadata, save_weights
-from .modeling import TokenLayout, build_prior
+from .modeling import TokenLayout, build_prior, training_attention
 from .tokenize_dataset import build_code_cache, codes_tensor
 
 
@@ -110,7 +110,8 @@ def main(args: PriorTrainingArguments) -> None:
     layout = TokenLayout(tokenizer.config.codebook_size, len(class_names) if conditional else 0, train_x.shape[1])
 
     batch_size = args.batch_size
-    prior = build_prior(args.preset, layout)
+    attention = training_attention(accelerator.device) if args.attention == "auto" else args.attention
+    prior = build_prior(args.preset, layout, attn_implementation=attention)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate,
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     # The cosine spans --decay-steps (default --max-steps); fix it to extend a run later bit-identically.

@@ -16,7 +16,7 @@ import stage2_prior.train as prior_train
 from pipelines.pipeline import VQPipeline
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.train_utils import weight_ema
-from stage2_prior.modeling import TokenLayout, build_prior
+from stage2_prior.modeling import TokenLayout, build_prior, training_attention
 from stage2_prior import sampling
 from stage2_prior.sampling import filter_logits, sample_codes
 from stage2_prior.tokenize_dataset import build_code_cache, codes_tensor
@@ -49,6 +49,24 @@ def test_token_layout_ids():
     assert (unconditional.null_token, unconditional.bos_token, unconditional.vocab_size) == (64, 65, 66)
     assert not unconditional.conditional
     assert unconditional.condition_tokens(None, 3).tolist() == [65, 65, 65]
+
+
+def test_training_attention_computes_the_same_loss_and_gradients():
+    """The CPU training default ("eager" attention) is the same function as SDPA: same loss and gradients."""
+    layout = TokenLayout(codebook_size=16, num_classes=3, num_codes=10)
+    sequence = torch.randint(0, 16, (4, 11))
+    results = []
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        prior = build_prior("tiny", layout, attn_implementation=attention)
+        assert prior.config._attn_implementation == attention
+        loss = prior_train.code_loss(prior, sequence)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in prior.parameters()]))
+    (eager_loss, eager_grads), (sdpa_loss, sdpa_grads) = results
+    assert torch.allclose(eager_loss, sdpa_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager_grads, sdpa_grads))
+    assert training_attention(torch.device("cpu")) == "eager"
 
 
 def test_token_layout_from_dict_rejects_inconsistent_ids():
