@@ -39,11 +39,14 @@ class StepSeconds:
     vqvae: float
     vqgan: float
     prior: float
+    prior_compile: float = 0.0  # seconds of torch.compile, paid once by each prior (budget.prior_compile)
 
 
 def predicted_training_seconds(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD) -> float:
-    """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound)."""
-    return overhead * (budget.tokenizer_steps * (seconds.vqvae + seconds.vqgan) + 2 * budget.prior_steps * seconds.prior)
+    """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound), plus each
+    prior's compilation."""
+    steps = budget.tokenizer_steps * (seconds.vqvae + seconds.vqgan) + 2 * budget.prior_steps * seconds.prior
+    return overhead * steps + 2 * seconds.prior_compile
 
 
 def _round_steps(steps: float) -> int:
@@ -58,7 +61,8 @@ def fit_budget(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD)
             "step_seconds": dataclasses.asdict(seconds), "scale": 1.0}
     if predicted <= target:
         return budget, info
-    scale = target / predicted
+    fixed = 2 * seconds.prior_compile  # does not shrink with the steps
+    scale = max(target - fixed, 0.0) / (predicted - fixed)
     tokenizer_steps = _round_steps(budget.tokenizer_steps * scale)
     fitted = dataclasses.replace(
         budget, tokenizer_steps=tokenizer_steps, prior_steps=_round_steps(budget.prior_steps * scale),
@@ -77,16 +81,18 @@ def describe_fit(budget: Budget, fitted: Budget, info: dict) -> str:
             f"(GAN from {fitted.disc_start}), prior {budget.prior_steps} -> {fitted.prior_steps} steps")
 
 
-def _time_steps(step, warmup: int, steps: int) -> float:
-    """Median seconds of `steps` calls of step(i) after `warmup` untimed ones."""
+def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(median seconds of `steps` calls of step(i), seconds of the `warmup` calls before them)."""
+    start = time.perf_counter()
     for i in range(warmup):
         step(i)
+    warm = time.perf_counter() - start
     times = []
     for i in range(warmup, warmup + steps):
         start = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], warm
 
 
 def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, steps: int) -> float:
@@ -119,11 +125,12 @@ def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, step
             d_loss.backward()
             disc_opt.step()
 
-    return _time_steps(step, warmup, steps)
+    return _time_steps(step, warmup, steps)[0]
 
 
 def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_size: int, warmup: int,
-                        steps: int) -> float:
+                        steps: int, compiled: bool) -> tuple[float, float]:
+    """(seconds per prior step, seconds of compilation: the warm-up's excess over its steps' time)."""
     from stage2_prior.train import code_loss
 
     num_codes = math.prod(config.latent_shape)
@@ -133,14 +140,17 @@ def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_s
     sequence = torch.randint(0, config.codebook_size, (batch_size, num_codes + 1),
                              generator=torch.Generator().manual_seed(0))
 
+    loss_fn = torch.compile(code_loss) if compiled else code_loss
+
     def step(i: int) -> None:
         with fast_autocast("cpu"):
-            loss = code_loss(prior, sequence)
+            loss = loss_fn(prior, sequence)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    return _time_steps(step, warmup, steps)
+    seconds, warm = _time_steps(step, warmup, steps)
+    return seconds, max(warm - warmup * seconds, 0.0) if compiled else 0.0
 
 
 def probe_step_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, perceptual: str,
@@ -152,7 +162,8 @@ def probe_step_seconds(budget: Budget, modality: str, in_channels: int, num_clas
 
     torch.manual_seed(0)
     vqvae = config("vqvae")
-    return StepSeconds(
-        vqvae=_tokenizer_step_seconds(vqvae, budget.tokenizer_batch, warmup, steps),
-        vqgan=_tokenizer_step_seconds(config("vqgan"), budget.tokenizer_batch, warmup, steps),
-        prior=_prior_step_seconds(vqvae, budget.prior_preset, num_classes, budget.prior_batch, warmup, steps))
+    prior, prior_compile = _prior_step_seconds(vqvae, budget.prior_preset, num_classes, budget.prior_batch, warmup,
+                                               steps, budget.prior_compile)
+    return StepSeconds(vqvae=_tokenizer_step_seconds(vqvae, budget.tokenizer_batch, warmup, steps),
+                       vqgan=_tokenizer_step_seconds(config("vqgan"), budget.tokenizer_batch, warmup, steps),
+                       prior=prior, prior_compile=prior_compile)

@@ -36,6 +36,9 @@ class Budget:
     prior_batch: int
     num_eval_samples: int
     guidance_scale: float
+    # torch.compile the priors' training loss: about 16 s of compilation per prior, paid back after ~400 steps on
+    # the bf16 machine (README, Performance), so only budgets with thousands of prior steps turn it on.
+    prior_compile: bool = False
     # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
     # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
     train_minutes: float | None = None
@@ -62,11 +65,11 @@ BUDGETS: dict[str, Budget] = {
     # budget). Guidance 2.0: within 15% of the best held-out FD-classifier after 1,000 and after 3,000 prior steps.
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=2400, tokenizer_batch=32, disc_start=800,
                        prior_preset="small", prior_steps=3000, prior_batch=32, num_eval_samples=2000,
-                       guidance_scale=2.0, train_minutes=32),
+                       guidance_scale=2.0, prior_compile=True, train_minutes=32),
     # Sized for one GPU: the `base` presets and tens of thousands of steps (not run on CPU).
     "full": Budget(tokenizer_preset="base", tokenizer_steps=40000, tokenizer_batch=64, disc_start=10000,
                    prior_preset="base", prior_steps=40000, prior_batch=64, num_eval_samples=10000,
-                   guidance_scale=2.0),
+                   guidance_scale=2.0, prior_compile=True),
 }
 # Per-modality changes to a budget (text models are 1-D and far cheaper per step than image models).
 MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
@@ -111,6 +114,9 @@ class CompareArguments:
     prior_batch: int | None = None
     num_eval_samples: int | None = None
     guidance_scale: float | None = None
+    prior_compile: bool | None = field(default=None, metadata=described(
+        "torch.compile the priors' training loss (default: the budget's; standard and full do)", nargs="?",
+        const=True))
     train_minutes: float | None = field(default=None, metadata=described(
         "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
         "(0: run the budget's steps whatever they take)"))
@@ -176,4 +182,4 @@ def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int
     return PriorTrainingArguments(
         tokenizer=str(tokenizer_dir), max_steps=budget.prior_steps, output_dir=str(output_dir), dataset=dataset,
         preset=budget.prior_preset, batch_size=budget.prior_batch, class_conditional=class_conditional, seed=seed,
-        threads=threads)
+        compile=budget.prior_compile, threads=threads)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from stage1_tokenizer.data import load_split
 from stage1_tokenizer.threads import set_torch_threads
+from stage1_tokenizer.train_utils import check_compile_available
 from stage2_prior.folder import library_versions
 
 from .budgets import (DEFAULT_DATASETS, VARIANTS, Budget, CompareArguments, prior_arguments,
@@ -103,6 +104,19 @@ def evaluate_seed(root: Path, budget: Budget, dataset: str, modality: str, seed:
     return run
 
 
+def compile_if_available(budget: Budget, arguments: CompareArguments) -> Budget:
+    """The budget, without the priors' torch.compile where it cannot build kernels here (e.g. no C++ compiler) and
+    the user did not ask for it: it only saves time, so the comparison runs without it and says so."""
+    if not budget.prior_compile or "prior_compile" in arguments.overrides():
+        return budget
+    try:
+        check_compile_available()
+    except ValueError as error:
+        print(f"note: the priors train without torch.compile: {str(error).split(';')[0]}", flush=True)
+        return dataclasses.replace(budget, prior_compile=False)
+    return budget
+
+
 def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num_classes: int,
                   output_dir: Path) -> tuple[Budget, str | None]:
     """The budget with its steps fitted to `train_minutes` on this machine (pipelines/budget_fit.py) and a line
@@ -151,6 +165,7 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
         raise ValueError(f"--class-conditional needs a labelled data set; {dataset!r} has no 'label' column")
     output_dir = Path(arguments.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    budget = compile_if_available(budget, arguments)
     budget, fit_note = fitted_budget(arguments, budget, dataset, len(class_names) if class_conditional else 0,
                                      output_dir)
     seeds = arguments.seed_list

@@ -48,8 +48,9 @@ def test_a_slow_machine_gets_both_stages_scaled_by_one_factor():
 def test_the_probe_times_real_steps_of_each_stage(modality, num_classes):
     seconds = probe_step_seconds(dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2), modality, 1,
                                  num_classes, "random-vgg", warmup=1, steps=2)
-    for value in dataclasses.astuple(seconds):
+    for value in (seconds.vqvae, seconds.vqgan, seconds.prior):
         assert math.isfinite(value) and value > 0
+    assert seconds.prior_compile == 0.0  # the tiny budget does not compile its priors
 
 
 def test_compare_fits_once_keeps_the_fit_and_never_touches_explicit_steps(tmp_path, monkeypatch):
@@ -80,3 +81,54 @@ def test_a_bad_time_target_is_refused():
     with pytest.raises(ValueError, match="--train-minutes must be a finite number >= 0.0, got -1"):
         CompareArguments(train_minutes=-1)
     assert budget_for("quick", "image").train_minutes is None  # the quick budget runs its steps as they are
+
+
+def test_each_priors_compilation_is_priced_once_and_never_scaled():
+    compiled = StepSeconds(vqvae=0.1, vqgan=0.2, prior=0.05, prior_compile=20.0)
+    assert predicted_training_seconds(BUDGET, compiled, overhead=1.5) == pytest.approx(690.0 + 40.0)
+    # Target: the 40 s of compilation plus half the steps' 460 s: the steps are halved, the compilation stays.
+    target = dataclasses.replace(BUDGET, train_minutes=(40 + 230) / 60)
+    fitted, info = fit_budget(target, compiled, overhead=1.0)
+    assert info["scale"] == pytest.approx(0.5)
+    assert (fitted.tokenizer_steps, fitted.prior_steps) == (600, 500)
+    assert info["fitted_minutes"] == pytest.approx(target.train_minutes)
+
+
+def test_the_probe_measures_the_priors_compilation(monkeypatch):
+    """With prior_compile the probe runs the compiled loss, and the warm-up's excess over its steps is the compile
+    time (here a stand-in compile that spends 0.5 s on its first call)."""
+    import time
+
+    def slow_first_call(function):
+        calls = []
+
+        def run(*args, **kwargs):
+            if not calls:
+                time.sleep(0.5)
+            calls.append(1)
+            return function(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(budget_fit.torch, "compile", slow_first_call)
+    budget = dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2, prior_compile=True)
+    seconds = probe_step_seconds(budget, "image", 1, 10, "random-vgg", warmup=2, steps=2)
+    assert 0.4 < seconds.prior_compile < 0.5 + 2 * seconds.prior + 0.1
+    assert probe_step_seconds(dataclasses.replace(budget, prior_compile=False), "image", 1, 10, "random-vgg",
+                              warmup=2, steps=2).prior_compile == 0.0
+
+
+def test_compare_drops_the_priors_compile_only_where_it_cannot_build(monkeypatch, capsys):
+    from pipelines import compare
+
+    def unavailable():
+        raise ValueError("--compile: torch.compile cannot build kernels on this machine (no C++ compiler); install one")
+
+    standard = CompareArguments(budget="standard")
+    assert standard.resolved_budget().prior_compile and not budget_for("quick", "image").prior_compile
+    monkeypatch.setattr(compare, "check_compile_available", lambda: None)
+    assert compare.compile_if_available(standard.resolved_budget(), standard).prior_compile
+    monkeypatch.setattr(compare, "check_compile_available", unavailable)
+    assert not compare.compile_if_available(standard.resolved_budget(), standard).prior_compile
+    assert "the priors train without torch.compile" in capsys.readouterr().out
+    asked = CompareArguments(budget="standard", prior_compile=True)  # asked for explicitly: the run fails clearly
+    assert compare.compile_if_available(asked.resolved_budget(), asked).prior_compile
