@@ -40,8 +40,9 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
             kmeans_init=True, dead_code_threshold=1.0,
             perceptual_depth=3,  # relu1_2..relu3_3: deeper VGG taps see 4x4 and 2x2 maps at 32x32
         ),
-        # 2 bytes per code with 1024 codes (10 bits for 16 bits of UTF-8; README, Text: 1024 codes against 512).
-        text=dict(channel_mult=(1, 2), base_channels=64, seq_len=64, codebook_size=1024),
+        # 2 bytes per code with 1024 codes (10 bits for 16 bits of UTF-8; README, Text: 1024 codes against 512),
+        # 128-byte sequences (64 codes): the convolutions are local, so the longer window reconstructs as well.
+        text=dict(channel_mult=(1, 2), base_channels=64, seq_len=128, codebook_size=1024),
         train=dict(batch_size=64, learning_rate=4e-4, disc_learning_rate=4e-4, log_every=25,
                    sample_every=500, checkpoint_every=500),
     ),
