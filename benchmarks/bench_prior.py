@@ -112,12 +112,11 @@ def main(args: argparse.Namespace) -> None:
             mode.cpu.append(cpu)
         print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(f"{m.name} {m.wall[-1]:.3f} s" for m in modes),
               flush=True)
-    eager_flops = {}
-    for mode in modes:  # compiled graphs hide their ops: the compiled mode reuses its eager twin's count
+    for mode in modes:  # compiled graphs hide their ops: the compiled mode reuses the default path's count
         if not mode.compiled:
-            mode.flops = eager_flops[mode.batch_size] = mode.count_flops(data[mode.name][-1])
+            mode.flops = mode.count_flops(data[mode.name][-1])
     for mode in modes:
-        mode.flops = mode.flops or eager_flops[mode.batch_size]
+        mode.flops = mode.flops or next(m.flops for m in modes if m.name == "default")
     peaks = {"no": matmul_peak_flops(device, torch.float32), "bf16": matmul_peak_flops(device, torch.bfloat16)}
     by_name = {mode.name: mode for mode in modes}
     base, default = by_name["fp32 eager"], by_name["default"]

@@ -22,6 +22,7 @@ from _common import (
 import torch  # noqa: E402  (after _common put the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from stage1_tokenizer.arguments import TokenizerTrainingArguments  # noqa: E402
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS, VQConfig  # noqa: E402
 from stage1_tokenizer.data import ImageDataset, load_split  # noqa: E402
 from stage1_tokenizer.losses import _unit_channels  # noqa: E402
@@ -84,7 +85,8 @@ class Mode:
         if spec.get("pre_change"):
             self.objective.perceptual.forward = types.MethodType(concatenated_perceptual, self.objective.perceptual)
         self.guard = NonFiniteGuard(20, self.accelerator)
-        self.args = types.SimpleNamespace(grad_clip=1.0)
+        defaults = TokenizerTrainingArguments(max_steps=1, output_dir="unused")  # train_step's defaults
+        self.args = types.SimpleNamespace(grad_clip=defaults.grad_clip, disc_grad_clip=defaults.disc_grad_clip)
         self.step = 0
         self.wall, self.cpu, self.flops = [], [], None
 
