@@ -76,7 +76,7 @@ class TokenLayout:
 
 def training_attention(device: torch.device) -> str:
     """Attention kernel for training on `device`: "eager" (plain bf16/fp32 matmuls and softmax) on a CPU, where at
-    65 tokens it ran the `small` prior's training step 1.45x faster than SDPA, whose CPU flash kernel's backward took
+    65 tokens it ran the `small` prior's training step 1.5x faster than SDPA, whose CPU flash kernel's backward took
     37% of the step (README, Performance); SDPA on a GPU. Not saved with the model: sampling is unaffected."""
     return "sdpa" if device.type == "cuda" else "eager"
 
