@@ -22,6 +22,22 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+COPY_SPAN = 32  # characters: longer than any phrase text repeats by chance, shorter than a memorised window
+
+
+def copy_rate(texts: Sequence[str], train_texts: Sequence[str], span: int = COPY_SPAN) -> float:
+    """Share of the texts' `span`-character substrings (every position) that occur verbatim in `train_texts`: how
+    much of the samples a prior copied from its training data. Real held-out text sets the natural level (repeated
+    names, refrains); 0.0 when no text is `span` characters long."""
+    wanted = Counter(text[i : i + span] for text in texts for i in range(len(text) - span + 1))
+    if not wanted:
+        return 0.0
+    found = set()
+    for text in train_texts:  # one pass over the training text, looking up only the samples' substrings
+        found.update(piece for piece in (text[i : i + span] for i in range(len(text) - span + 1)) if piece in wanted)
+    return sum(count for piece, count in wanted.items() if piece in found) / sum(wanted.values())
+
+
 def _ngram_counts(tokens: Sequence[str]) -> list[Counter]:
     return [Counter(_ngrams(tokens, n)) for n in range(1, 5)]
 
@@ -191,8 +207,8 @@ def text_generation_metrics(texts: list[str], train_texts: list[str], ngram_mode
 
     Keys: distinct_1, distinct_2, distinct_3 (word level), self_bleu4 (word level), length_mean, length_std,
     length_min, length_max (UTF-8 bytes), ngram_perplexity (per byte, under `ngram_model`, or an order-5
-    CharNgramModel fit on `train_texts`), and sentiment_agreement when both `sentiment` and
-    `requested_labels` are given.
+    CharNgramModel fit on `train_texts`), copy_rate (see `copy_rate`), and sentiment_agreement when both
+    `sentiment` and `requested_labels` are given.
     """
     if not texts:
         raise ValueError("text_generation_metrics got no texts")
@@ -207,6 +223,7 @@ def text_generation_metrics(texts: list[str], train_texts: list[str], ngram_mode
         length_min=float(lengths.min()),
         length_max=float(lengths.max()),
         ngram_perplexity=ngram_model.perplexity([t for t in texts if t]) if any(texts) else float("inf"),
+        copy_rate=copy_rate(texts, train_texts),
     )
     if sentiment is not None and requested_labels is not None:
         if len(requested_labels) != len(texts):

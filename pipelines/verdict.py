@@ -86,6 +86,9 @@ METRICS: dict[str, Metric] = {
     "length_max": Metric("Length max", None, "Longest sample in bytes."),
     "ngram_perplexity": Metric("n-gram perplexity", "closer",
                                "Per-byte perplexity under a character 5-gram model fit on the train split (fluency)."),
+    "copy_rate": Metric("Copy rate", "closer",
+                        "Share of the samples' 32-character strings found verbatim in the train split (memorisation; "
+                        "a copied sample also scores a low n-gram perplexity).", "fraction"),
     "sentiment_agreement": Metric("Sentiment agreement", "higher",
                                   "Share of samples a TF-IDF + logistic-regression classifier gives the requested "
                                   "sentiment.", "fraction"),

@@ -441,10 +441,25 @@ def test_text_generation_metrics_keys_and_sentiment_agreement():
     metrics = T.text_generation_metrics(texts, ["a good film indeed", "not bad at all"], sentiment=Echo(),
                                         requested_labels=[1, 0, 0])
     assert set(metrics) == {"distinct_1", "distinct_2", "distinct_3", "self_bleu4", "length_mean", "length_std",
-                            "length_min", "length_max", "ngram_perplexity", "sentiment_agreement"}
+                            "length_min", "length_max", "ngram_perplexity", "copy_rate", "sentiment_agreement"}
     assert metrics["sentiment_agreement"] == pytest.approx(2 / 3)
     assert (metrics["length_min"], metrics["length_max"]) == (10.0, 14.0)
     assert all(math.isfinite(value) for value in metrics.values())
+
+
+def test_copy_rate_counts_the_substrings_found_verbatim_in_training():
+    train = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+             "Now is the winter of our discontent made glorious summer by this sun of York"]
+    copied = train[0][10:60]  # 50 characters: all 11 of its 40-character substrings are in the training text
+    novel = "An entirely new sentence that no training text has ever said."
+    assert T.copy_rate([copied], train, span=40) == 1.0
+    assert T.copy_rate([novel], train, span=40) == 0.0
+    half = copied[:45] + "#" * 50  # 6 of the 56 substrings lie inside the copied part
+    assert T.copy_rate([half], train, span=40) == pytest.approx(6 / 56)
+    assert T.copy_rate([copied, novel], train, span=40) == pytest.approx(11 / (11 + len(novel) - 39))
+    assert T.copy_rate(["short"], train, span=40) == 0.0  # nothing long enough to judge
+    # A copy spanning two training records is not one verbatim string of the training text.
+    assert T.copy_rate([train[0][-20:] + train[1][:20]], train, span=40) == 0.0
 
 
 def test_texts_and_labels_of_labelled_and_unlabelled_splits():

@@ -39,11 +39,11 @@ IMAGE_RECONSTRUCTION = {
 }
 TEXT_GENERATION = {  # distinct_1: VQ-VAE is higher but VQGAN is closer to real, so VQGAN is better
     "vqvae": dict(distinct_1=0.90, distinct_2=0.95, distinct_3=0.97, self_bleu4=0.05, length_mean=40.0, length_std=5.0,
-                  length_min=10.0, length_max=64.0, ngram_perplexity=9.0, sentiment_agreement=0.55),
+                  length_min=10.0, length_max=64.0, ngram_perplexity=9.0, copy_rate=0.02, sentiment_agreement=0.55),
     "vqgan": dict(distinct_1=0.45, distinct_2=0.80, distinct_3=0.90, self_bleu4=0.15, length_mean=52.0,
-                  length_std=12.0, length_min=3.0, length_max=64.0, ngram_perplexity=5.0, sentiment_agreement=0.70),
+                  length_std=12.0, length_min=3.0, length_max=64.0, ngram_perplexity=5.0, copy_rate=0.31, sentiment_agreement=0.70),
     "real": dict(distinct_1=0.50, distinct_2=0.85, distinct_3=0.93, self_bleu4=0.20, length_mean=55.0, length_std=14.0,
-                 length_min=2.0, length_max=64.0, ngram_perplexity=4.0, sentiment_agreement=0.80),
+                 length_min=2.0, length_max=64.0, ngram_perplexity=4.0, copy_rate=0.01, sentiment_agreement=0.80),
 }
 SCRIPT = "<script>alert('x')</script> & more"
 
