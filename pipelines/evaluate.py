@@ -210,6 +210,8 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     real_texts = bytes_to_strings(held_out.windows[:count])
     real_labels = held_out.labels[:count].tolist() if held_out.has_labels else None
     ngram = CharNgramModel(order=5).fit(train_texts)
+    # The training text as the tokenizer saw it, for the copy rate: records, or one stream of newline-joined lines.
+    seen = train_texts if train_labels is not None else ["\n".join(train_texts)]
     conditional = first.layout.conditional
     sentiment = None
     results = {"classifier": {}, "reconstruction": {}, "generation": {}, "text_samples": {}, "notes": [],
@@ -222,10 +224,10 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
         results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split)
         out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
                             guidance_scale=guidance_scale if conditional else 1.0, seed=seed, batch_size=250)
-        results["generation"][variant] = text_generation_metrics(out.texts, train_texts, ngram, sentiment, requested)
+        results["generation"][variant] = text_generation_metrics(out.texts, seen, ngram, sentiment, requested)
         results["intervals"]["generation"][variant] = _text_intervals(out.texts, ngram, sentiment, requested, seed)
         results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
-    results["generation"]["real"] = text_generation_metrics(real_texts, train_texts, ngram, sentiment, requested)
+    results["generation"]["real"] = text_generation_metrics(real_texts, seen, ngram, sentiment, requested)
     results["text_samples"]["real"] = _texts_by_class(real_texts, requested, first.class_names)
     return results
 
