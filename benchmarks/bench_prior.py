@@ -87,12 +87,12 @@ def main(args: argparse.Namespace) -> None:
     tune_allocator()
     device = pick_device(args.device)
     env = environment(device)
-    size = args.batches[0]
-    specs = [("fp32 eager", "no", False, size, None), ("default", "auto", False, size, None),
-             ("default, SDPA attention", "auto", False, size, "sdpa")]
+    first = args.batches[0]
+    specs = [("fp32 eager", "no", False, first, None), ("default", "auto", False, first, None),
+             ("default, SDPA attention", "auto", False, first, "sdpa")]
     if not args.no_compile:
-        specs.append(("default + --compile", "auto", True, size, None))
-    specs += [(f"default, batch {size}", "auto", False, size, None) for size in args.batches[1:]]
+        specs.append(("default + --compile", "auto", True, first, None))
+    specs += [(f"default, batch {batch}", "auto", False, batch, None) for batch in args.batches[1:]]
     print(f"stage-2 training benchmark: `{args.preset}` prior, {LAYOUT.num_codes} codes + 1 condition token, "
           f"{args.steps} step(s) x {args.repeats} interleaved repeat(s) per mode, {env['torch_threads']} thread(s), "
           f"{env['cpu']}; load average {env['load_average_at_start']}", flush=True)

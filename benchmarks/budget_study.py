@@ -6,10 +6,10 @@ the data set has a validation split), and scores --num-samples samples against t
 the project's feature classifier (FD-classifier, KID, class accuracy; the real row is held-out images against
 training images at the same N), text (`--modality text`) by character 5-gram perplexity under a model of the
 training text (and sentiment agreement where labelled), against the held-out texts' own perplexity. The priors
-train as the standard budget's do (`--compile`). Nothing here sees the test split that `vqgen compare` reports. Two sweeps from one
-base point (the first value of each list): the prior's steps at the base tokenizer, and the tokenizer's steps under
-a base-length prior. The wall-clock minutes of each stage are recorded, so the plot shows sample FD-classifier
-against minutes for each stage. Finished runs in --output-dir are reused.
+train as the standard budget's do (`--compile`). Nothing here sees the test split that `vqgen compare` reports.
+Two sweeps from one base point (the first value of each list): the prior's steps at the base tokenizer, and the
+tokenizer's steps under a base-length prior. The wall-clock minutes of each stage are recorded, so the plot shows
+the sample metric (FD-classifier, or 5-gram perplexity for text) against minutes for each stage. Finished runs in --output-dir are reused.
 
     python benchmarks/budget_study.py --variant vqgan --tokenizer-steps 1200 2400 --prior-steps 1000 2000 4000
     python benchmarks/budget_study.py --modality text --dataset ../shared/data/tiny_shakespeare --variant vqvae \
@@ -61,7 +61,8 @@ def timed_run(command: list[str], folder: Path, done: str) -> float:
 def train_tokenizer(args, steps: int) -> tuple[Path, float]:
     folder = Path(args.output_dir) / f"tokenizer_{args.variant}_{steps}"
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", args.variant,
-               "--modality", args.modality, "--preset", "small", "--max-steps", str(steps), "--batch-size", str(args.tokenizer_batch),
+               "--modality", args.modality, "--preset", "small", "--max-steps", str(steps),
+               "--batch-size", str(args.tokenizer_batch),
                "--disc-start", str(round(steps * args.disc_start_fraction)), "--seed", str(args.seed),
                "--max-eval-items", "1000", "--output-dir", str(folder)]
     if args.tokenizer_config:
