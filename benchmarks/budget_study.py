@@ -39,7 +39,7 @@ from stage1_tokenizer.data import load_split  # noqa: E402
 # Per modality: the sample metric the study plots (lower is better) and the further columns it shows.
 SCORES = {
     "image": ("fd_classifier", "sample FD-classifier", [("kid_mean", "KID"), ("class_accuracy", "class acc.")]),
-    "text": ("ngram_perplexity", "sample 5-gram perplexity", [("distinct_2", "distinct-2"),
+    "text": ("ngram_perplexity", "sample 5-gram perplexity", [("distinct_2", "distinct-2"), ("copy_rate", "copy rate"),
                                                                 ("sentiment_agreement", "sentiment agreement")]),
 }
 
@@ -71,10 +71,12 @@ def train_tokenizer(args, steps: int) -> tuple[Path, float]:
 
 
 def train_prior(args, tokenizer: Path, tokenizer_steps: int, steps: int) -> tuple[Path, float]:
-    folder = Path(args.output_dir) / f"prior_{args.variant}_{tokenizer_steps}_{steps}"
+    extra = args.prior_args.split()
+    tag = "".join(f"_{word.lstrip('-')}" for word in extra)  # runs with other prior arguments get their own folder
+    folder = Path(args.output_dir) / f"prior_{args.variant}_{tokenizer_steps}_{steps}{tag}"
     command = [sys.executable, "-m", "stage2_prior.train", "--tokenizer", str(tokenizer), "--dataset", str(args.data),
                "--preset", "small", "--max-steps", str(steps), "--batch-size", str(args.prior_batch), "--seed",
-               str(args.seed), "--compile", "--output-dir", str(folder)]
+               str(args.seed), "--compile", "--output-dir", str(folder), *extra]
     if args.class_conditional:
         command.append("--class-conditional")
     return folder, timed_run(command, folder, "pipeline_config.json")
@@ -122,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
         f"else the last {args.holdout} training records), N = {args.num_samples}, guidance {args.guidance_scale}; "
         f"minutes of wall-clock training per stage)", columns, rows,
         digits={"tokenizer_minutes": 1, "prior_minutes": 1, "byte_accuracy": 4, "prior_bits": 3, key: 2, "real": 2,
-                "over_real": 2, "kid_mean": 3, "class_accuracy": 3, "distinct_2": 3, "sentiment_agreement": 3})
+                "over_real": 2, "kid_mean": 3, "class_accuracy": 3, "distinct_2": 3, "copy_rate": 3, "sentiment_agreement": 3})
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for sweep, label in (("prior", f"prior steps ({base_tokenizer}-step tokenizer)"),
                          ("tokenizer", f"tokenizer steps ({base_prior}-step prior)")):
@@ -157,6 +159,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--holdout", type=int, default=5000, help="last train images held out for scoring")
     parser.add_argument("--tokenizer-steps", type=int, nargs="+", default=[1200, 2400])
     parser.add_argument("--prior-steps", type=int, nargs="+", default=[1000, 2000, 4000])
+    parser.add_argument("--prior-args", default="", help="further stage2_prior.train arguments for every prior, "
+                        "e.g. \"--window-offsets 16 --load-best-at-end\" (their runs get their own folders)")
     parser.add_argument("--tokenizer-batch", type=int, default=32)
     parser.add_argument("--prior-batch", type=int, default=32)
     parser.add_argument("--disc-start-fraction", type=float, default=1 / 3,

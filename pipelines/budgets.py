@@ -39,12 +39,17 @@ class Budget:
     # torch.compile the priors' training loss: about 16 s of compilation per prior, paid back after ~400 steps on
     # the bf16 machine (README, Performance), so only budgets with thousands of prior steps turn it on.
     prior_compile: bool = False
+    # Unlabelled text: cut the training text at this many starting bytes for the prior (stage2_prior.train's
+    # --window-offsets), and keep the prior weights that validate best (--load-best-at-end).
+    prior_window_offsets: int = 1
+    prior_load_best: bool = False
     # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
     # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
     train_minutes: float | None = None
 
     def __post_init__(self):
-        check_positive(self, ("tokenizer_steps", "tokenizer_batch", "prior_steps", "prior_batch", "num_eval_samples"))
+        check_positive(self, ("tokenizer_steps", "tokenizer_batch", "prior_steps", "prior_batch", "num_eval_samples",
+                              "prior_window_offsets"))
         check_finite(self, ("guidance_scale",))
         if self.disc_start < 0:
             raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
@@ -118,6 +123,10 @@ class CompareArguments:
     prior_compile: bool | None = field(default=None, metadata=described(
         "torch.compile the priors' training loss (default: the budget's; standard and full do)", nargs="?",
         const=True))
+    prior_window_offsets: int | None = field(default=None, metadata=described(
+        "unlabelled text: cuts of the training text for the priors (stage 2's --window-offsets)"))
+    prior_load_best: bool | None = field(default=None, metadata=described(
+        "keep the prior weights that validate best (stage 2's --load-best-at-end)", nargs="?", const=True))
     train_minutes: float | None = field(default=None, metadata=described(
         "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
         "(0: run the budget's steps whatever they take)"))
@@ -183,4 +192,5 @@ def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int
     return PriorTrainingArguments(
         tokenizer=str(tokenizer_dir), max_steps=budget.prior_steps, output_dir=str(output_dir), dataset=dataset,
         preset=budget.prior_preset, batch_size=budget.prior_batch, class_conditional=class_conditional, seed=seed,
-        compile=budget.prior_compile, threads=threads)
+        compile=budget.prior_compile, window_offsets=budget.prior_window_offsets,
+        load_best_at_end=budget.prior_load_best, threads=threads)

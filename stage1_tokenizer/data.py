@@ -410,14 +410,17 @@ def _warn(message: str) -> None:
 
 
 class TextWindowDataset(torch.utils.data.Dataset):
-    """Byte windows of `seq_len`: the split's texts joined by newlines and cut ("windows", for training),
-    or one padded/truncated window per non-empty record ("records", for evaluation and labelled data)."""
+    """Byte windows of `seq_len`: the split's texts joined by newlines and cut ("windows", for training; the cut
+    starts `offset` bytes in), or one padded/truncated window per non-empty record ("records", for evaluation and
+    labelled data)."""
 
-    def __init__(self, split: Split, seq_len: int, mode: str = "windows"):
+    def __init__(self, split: Split, seq_len: int, mode: str = "windows", offset: int = 0):
         from .configuration import PAD_BYTE
 
         if mode not in ("windows", "records"):
             raise ValueError(f"mode={mode!r}; expected 'windows' or 'records'")
+        if offset and mode != "windows":
+            raise ValueError(f"offset={offset} applies to mode='windows' only")
         texts = split.records[split.column] if not isinstance(split.records, list) else [r[split.column] for r in split.records]
         labels = None
         if split.class_names is not None:
@@ -429,7 +432,7 @@ class TextWindowDataset(torch.utils.data.Dataset):
         if mode == "windows":
             if missing:
                 _warn(f"data set {split.name!r}: skipped {missing} of {len(texts)} text records that are missing (None)")
-            data = "\n".join(t for t in texts if t is not None).encode("utf-8")
+            data = "\n".join(t for t in texts if t is not None).encode("utf-8")[offset:]
             usable = len(data) // seq_len * seq_len
             if usable == 0:
                 raise DataError(f"data set {split.name!r} holds fewer than seq_len={seq_len} bytes of text")
@@ -453,7 +456,9 @@ class TextWindowDataset(torch.utils.data.Dataset):
         return self.windows[index], int(self.labels[index])
 
 
-def text_dataset(split: Split, seq_len: int) -> TextWindowDataset:
+def text_dataset(split: Split, seq_len: int, offset: int = 0) -> TextWindowDataset:
     """The one rule for text everywhere: labelled data one record per sequence (each keeps its label),
-    unlabelled data as contiguous windows."""
-    return TextWindowDataset(split, seq_len, "records" if split.class_names is not None else "windows")
+    unlabelled data as contiguous windows (cut from `offset` bytes in)."""
+    if split.class_names is not None:
+        return TextWindowDataset(split, seq_len, "records")
+    return TextWindowDataset(split, seq_len, "windows", offset)

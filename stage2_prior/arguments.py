@@ -36,6 +36,12 @@ class PriorTrainingArguments:
     weight_ema: float | None = field(default=None, metadata=described(
         "also keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up over the "
         "first steps); validation, sample grids and the saved pipeline then use the average"))
+    window_offsets: int = field(default=1, metadata=described(
+        "unlabelled text: cut the training text into windows at this many evenly spaced starting bytes (that many "
+        "times as many distinct sequences from the same text; validation keeps one cut)"))
+    load_best_at_end: bool = field(default=False, metadata=described(
+        "keep the weights (the EMA's, with --weight-ema) that scored the lowest validation NLL at an --eval-every "
+        "step, and save those in the pipeline when they beat the last step's"))
     cache_dir: str | None = field(default=None,
                                  metadata=described("where code caches live (default ~/.cache/vqgen/codes)"))
     max_eval_items: int = field(default=2000, metadata=described("cap on validation sequences"))
@@ -58,7 +64,7 @@ class PriorTrainingArguments:
             raise ValueError(f"--preset {self.preset!r} is unknown; expected one of {sorted(PRIOR_PRESETS)}")
         check_positive(self, ("max_steps", "threads", "decay_steps", "batch_size", "log_every", "eval_every",
                               "sample_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite",
-                              "max_eval_items"))
+                              "max_eval_items", "window_offsets"))
         check_finite(self, ("learning_rate", "grad_clip"))
         check_finite(self, ("weight_decay",), strict=False)
         if self.warmup_steps is not None and self.warmup_steps < 0:

@@ -27,13 +27,23 @@ def tokenizer_fingerprint(tokenizer: VQModel) -> str:
     return hasher.hexdigest()[:16]
 
 
-def source_dataset(tokenizer: VQModel, dataset: str, split: str):
-    """The stage-1 dataset a split is encoded from (images, or text records / windows)."""
+def source_dataset(tokenizer: VQModel, dataset: str, split: str, window_offsets: int = 1):
+    """The stage-1 dataset a split is encoded from (images, or text records / windows). Unlabelled text gets its
+    windows cut `window_offsets` times, one cut after another: that many times as many distinct training sequences
+    from the same text (labelled text keeps one sequence per record). Cut k starts k * seq_len / window_offsets
+    bytes in, plus k modulo the bytes per code, so that the cuts also pair the bytes into codes differently."""
     config = tokenizer.config
     data = load_split(dataset, split, config.modality)
     if config.modality == "image":
         return data, ImageDataset(data, config.resolution, config.in_channels)
-    return data, text_dataset(data, config.seq_len)
+    if data.class_names is not None or window_offsets == 1:
+        return data, text_dataset(data, config.seq_len)
+    if window_offsets > config.seq_len:
+        raise ValueError(f"window_offsets={window_offsets} exceeds the tokenizer's seq_len={config.seq_len}")
+    step, per_code = config.seq_len / window_offsets, config.seq_len // config.latent_shape[-1]
+    starts = sorted({(int(k * step) + k % per_code) % config.seq_len for k in range(window_offsets)})
+    cuts = [text_dataset(data, config.seq_len, offset=start) for start in starts]
+    return data, torch.utils.data.ConcatDataset(cuts)
 
 
 def build_code_cache(
@@ -42,14 +52,20 @@ def build_code_cache(
     split: str,
     cache_dir: Path | None = None,
     batch_size: int = 256,
+    window_offsets: int = 1,
 ) -> tuple[datasets.Dataset, list[str] | None, bool]:
     """Codes for every record of a split: returns (Dataset with 'codes' and 'label', class names, cache_hit).
 
     Text also gets 'length': the codes up to the text's end (`codes_up_to_end`); the prior's loss ignores the rest.
+    Unlabelled text is cut at `window_offsets` starting bytes (`source_dataset`).
     """
-    data, source = source_dataset(tokenizer, dataset, split)
+    if window_offsets < 1:
+        raise ValueError(f"window_offsets must be >= 1, got {window_offsets}")
+    data, source = source_dataset(tokenizer, dataset, split, window_offsets)
     text = tokenizer.config.modality == "text"
     key = f"{data.fingerprint}-{tokenizer_fingerprint(tokenizer)}" + ("-length" if text else "")
+    if isinstance(source, torch.utils.data.ConcatDataset):
+        key += f"-offsets{window_offsets}"
     path = Path(cache_dir or DEFAULT_CACHE) / key.replace("/", "_")
     if (path / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(path)), data.class_names, True

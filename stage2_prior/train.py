@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -87,6 +90,41 @@ def validation_loss(accelerator, prior, layout, codes, labels, conditional, leng
     return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
 
 
+class BestWeights:
+    """--load-best-at-end: the weights with the lowest validation NLL so far, as safetensors in `folder` (with the
+    step and NLL beside them), so that a resumed run still knows them. Main process only."""
+
+    def __init__(self, folder: Path, enabled: bool, resumed_step: int | None = None):
+        self.folder, self.enabled, self.record = folder, enabled, None
+        record = folder / "best.json"
+        if not enabled:
+            return
+        if resumed_step is not None and record.is_file():
+            saved = json.loads(record.read_text())
+            # Best weights from beyond the resumed checkpoint belong to steps the run is about to redo.
+            self.record = saved if saved["step"] <= resumed_step else None
+        elif resumed_step is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def offer(self, model: torch.nn.Module, step: int, val_nll: float) -> None:
+        if not self.enabled or (self.record is not None and val_nll >= self.record["val_nll"]):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        staging = self.folder / ".tmp-model.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging))
+        os.replace(staging, self.folder / "model.safetensors")
+        self.record = {"step": step, "val_nll": val_nll}
+        (self.folder / ".tmp-best.json").write_text(json.dumps(self.record))
+        os.replace(self.folder / ".tmp-best.json", self.folder / "best.json")
+
+    def restore(self, model: torch.nn.Module, final_nll: float) -> dict | None:
+        """Load the best weights into `model` when they beat the final ones; their record, else None."""
+        if not self.enabled or self.record is None or self.record["val_nll"] >= final_nll:
+            return None
+        model.load_state_dict(load_file(str(self.folder / "model.safetensors"), device=str(next(model.parameters()).device)))
+        return self.record
+
+
 def main(args: PriorTrainingArguments) -> None:
     args = args.resolved()
     tune_allocator()
@@ -97,7 +135,8 @@ def main(args: PriorTrainingArguments) -> None:
     claim_output_dir(output_dir, accelerator)  # a writable folder no other run uses
     tokenizer = load_strict(VQModel, Path(args.tokenizer), "tokenizer").to(accelerator.device).eval()
     with accelerator.main_process_first():
-        train_codes, class_names, _ = build_code_cache(tokenizer, args.dataset, "train", args.cache_dir)
+        train_codes, class_names, _ = build_code_cache(tokenizer, args.dataset, "train", args.cache_dir,
+                                                   window_offsets=args.window_offsets)
         eval_codes, _, _ = build_code_cache(tokenizer, args.dataset, "eval", args.cache_dir)
     if args.class_conditional and not class_names:
         raise DataError(f"--class-conditional needs a labelled data set; {args.dataset!r} has no 'label' column")
@@ -145,6 +184,8 @@ def main(args: PriorTrainingArguments) -> None:
         logger.path.unlink(missing_ok=True)
     if accelerator.is_main_process:
         save_arguments(args, output_dir)
+    best = BestWeights(output_dir / "best_prior", args.load_best_at_end and accelerator.is_main_process,
+                       step if args.resume else None)
 
     sampler = iter(StepBatchSampler(len(train_x), batch_size, args.seed, step,
                                     accelerator.process_index, accelerator.num_processes))
@@ -181,6 +222,7 @@ def main(args: PriorTrainingArguments) -> None:
         row = {}
         if step % every["eval_every"] == 0 or step == args.max_steps:
             row.update(validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths))
+            best.offer(evaluated, step, row["val_nll"])
         if step % every["log_every"] == 0 or row:
             loss_value = accelerator.reduce(window.mean().get("loss", loss.detach().float()), reduction="mean")
             row = logger.log(step, {"loss": loss_value, "bits_per_code": loss_value / math.log(2),
@@ -197,6 +239,11 @@ def main(args: PriorTrainingArguments) -> None:
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
         final = validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths)
+        chosen = best.restore(evaluated, final["val_nll"])
+        if chosen is not None:  # an earlier step validated better: the pipeline gets its weights
+            metadata.update(best_step=chosen["step"], prior_metrics_last_step=final)
+            final = validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths)
+            accelerator.print(f"--load-best-at-end: the weights of step {chosen['step']} validated best")
         metadata["prior_metrics"] = final
         if ema is not None:  # the same validation on the trained weights themselves, for comparison
             raw = validation_loss(accelerator, unwrapped, layout, eval_x, eval_y, conditional, eval_lengths)

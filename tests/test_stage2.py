@@ -297,6 +297,42 @@ def test_code_cache_hit_and_miss(pipeline_tokenizer_dir, tmp_path, monkeypatch):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
 
+def test_window_offsets_cut_unlabelled_text_at_evenly_spaced_starts(tmp_path):
+    """--window-offsets N: the training windows of unlabelled text are cut N times, each cut starting
+    seq_len / N bytes further in, and each window is encoded exactly as a window of its own."""
+    from stage1_tokenizer.configuration import VQConfig
+    from stage1_tokenizer.data import load_split, text_dataset
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(40)]
+    (data / "train.txt").write_text("\n".join(lines) + "\n")
+    (data / "validation.txt").write_text("\n".join(lines[:4]) + "\n")
+    stream = "\n".join(lines).encode()
+    split = load_split(str(data), "train", "text")
+    shifted = text_dataset(split, 16, offset=5)
+    assert bytes(shifted[0][0].tolist()) == stream[5:21] and bytes(shifted[1][0].tolist()) == stream[21:37]
+    assert len(shifted) == (len(stream) - 5) // 16
+
+    torch.manual_seed(0)
+    tokenizer = VQModel(VQConfig.from_preset("tiny", modality="text", seq_len=16)).eval()
+    one, _, _ = build_code_cache(tokenizer, str(data), "train", cache_dir=tmp_path / "cache")
+    four, _, hit = build_code_cache(tokenizer, str(data), "train", cache_dir=tmp_path / "cache", window_offsets=4)
+    assert not hit  # its own cache entry, not the single cut's
+    # seq_len 16 in 8 codes: 2 bytes per code, so cut k starts at 4k + k mod 2 bytes
+    assert tokenizer.config.latent_shape == (8,)
+    expected = [len(text_dataset(split, 16, offset=start)) for start in (0, 5, 8, 13)]
+    assert len(four) == sum(expected) and len(one) == expected[0]
+    codes_one, codes_four = codes_tensor(one)[0], codes_tensor(four)[0]
+    assert torch.equal(codes_four[: len(one)], codes_one)  # the first cut is the plain one
+    with torch.no_grad():
+        third_cut = text_dataset(split, 16, offset=8)
+        start = sum(expected[:2])
+        assert torch.equal(codes_four[start], tokenizer.encode(third_cut[0][0][None]).flatten())
+    with pytest.raises(ValueError, match="exceeds the tokenizer's seq_len"):
+        build_code_cache(tokenizer, str(data), "train", cache_dir=tmp_path / "cache", window_offsets=17)
+
+
 # --------------------------------------------------------------------------------------- end to end
 def test_train_writes_a_complete_pipeline_folder(pipeline_dir):
     for name in ("pipeline_config.json", "README.md", "sample_grid.png", "metrics.jsonl",
@@ -413,6 +449,50 @@ def test_extending_a_finished_run_is_exact(pipeline_tokenizer_dir, code_cache_di
     straight = load_file(tmp_path / "straight" / "prior" / "model.safetensors")
     extended = load_file(tmp_path / "extended" / "prior" / "model.safetensors")
     assert all(torch.equal(straight[name], extended[name]) for name in straight)
+
+
+def test_load_best_at_end_saves_the_weights_that_validated_best(pipeline_tokenizer_dir, code_cache_dir, tmp_path,
+                                                                monkeypatch, fresh_accelerate_state):
+    """Validation at steps 2, 4, 6, 8 scripted so step 4 scores best: the pipeline gets step 4's weights (the same
+    as its checkpoint's), and the metadata names the step and keeps the last step's scores."""
+    real = prior_train.validation_loss
+    penalty = iter([1.0, 0.0, 1.0, 2.0, 2.0, 0.0])  # steps 2, 4, 6, 8, the final check, then the restored weights
+
+    def scripted(*args, **kwargs):
+        row = real(*args, **kwargs)
+        nll = row["val_nll"] + next(penalty)
+        return {"val_nll": nll, "val_bits_per_code": nll / math.log(2)}
+
+    monkeypatch.setattr(prior_train, "validation_loss", scripted)
+    run = tmp_path / "run"
+    _train(pipeline_tokenizer_dir, code_cache_dir, run, "--max-steps", "8", "--eval-every", "2",
+           "--mixed-precision", "no", "--load-best-at-end")
+    metadata = json.loads((run / "pipeline_config.json").read_text())["metadata"]
+    assert metadata["best_step"] == 4
+    assert metadata["prior_metrics"]["val_nll"] < metadata["prior_metrics_last_step"]["val_nll"] - 1.0
+    saved = load_file(run / "prior" / "model.safetensors")
+    at_step_4 = load_file(run / "checkpoints" / "step_4" / "model.safetensors")
+    at_step_8 = load_file(run / "checkpoints" / "step_8" / "model.safetensors")
+    assert all(torch.equal(saved[name], at_step_4[name]) for name in saved)
+    assert not all(torch.equal(saved[name], at_step_8[name]) for name in saved)
+
+
+def test_best_weights_survive_a_resume_but_not_from_beyond_it(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    best = prior_train.BestWeights(tmp_path / "best", enabled=True)
+    best.offer(model, 2, 1.5)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    best.offer(model, 4, 1.7)  # worse: not kept
+    assert prior_train.BestWeights(tmp_path / "best", enabled=True, resumed_step=4).record == {"step": 2, "val_nll": 1.5}
+    assert prior_train.BestWeights(tmp_path / "best", enabled=True, resumed_step=1).record is None
+    assert best.restore(model, final_nll=1.4) is None  # the last weights beat it: unchanged
+    assert not torch.equal(model.weight, kept["weight"])
+    assert best.restore(model, final_nll=1.6) == {"step": 2, "val_nll": 1.5}
+    assert torch.equal(model.weight, kept["weight"])
+    prior_train.BestWeights(tmp_path / "best", enabled=True)  # a fresh (not resumed) run forgets the old best
+    assert not (tmp_path / "best").exists()
 
 
 def test_train_cli_bad_input_exits_2(pipeline_tokenizer_dir, code_cache_dir, tmp_path, capsys, fresh_accelerate_state):
