@@ -124,7 +124,8 @@ def main(args: argparse.Namespace) -> None:
         f"else the last {args.holdout} training records), N = {args.num_samples}, guidance {args.guidance_scale}; "
         f"minutes of wall-clock training per stage)", columns, rows,
         digits={"tokenizer_minutes": 1, "prior_minutes": 1, "byte_accuracy": 4, "prior_bits": 3, key: 2, "real": 2,
-                "over_real": 2, "kid_mean": 3, "class_accuracy": 3, "distinct_2": 3, "copy_rate": 3, "sentiment_agreement": 3})
+                "over_real": 2, "kid_mean": 3, "class_accuracy": 3, "distinct_2": 3, "copy_rate": 3,
+                "sentiment_agreement": 3})
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for sweep, label in (("prior", f"prior steps ({base_tokenizer}-step tokenizer)"),
                          ("tokenizer", f"tokenizer steps ({base_prior}-step prior)")):

@@ -121,7 +121,8 @@ class BestWeights:
         """Load the best weights into `model` when they beat the final ones; their record, else None."""
         if not self.enabled or self.record is None or self.record["val_nll"] >= final_nll:
             return None
-        model.load_state_dict(load_file(str(self.folder / "model.safetensors"), device=str(next(model.parameters()).device)))
+        device = str(next(model.parameters()).device)
+        model.load_state_dict(load_file(str(self.folder / "model.safetensors"), device=device))
         return self.record
 
 
