@@ -83,7 +83,8 @@ def train_prior(args, tokenizer: Path, tokenizer_steps: int, steps: int) -> tupl
 
 
 def score(args, pipeline: Path) -> dict:
-    cached = pipeline / "study_scores.json"
+    # One file per sampling setting: a rerun with another --guidance-scale reuses the training, not the scores.
+    cached = pipeline / f"study_scores_n{args.num_samples}_g{args.guidance_scale:g}.json"
     if cached.is_file():
         return json.loads(cached.read_text())
     results = evaluate_pipeline_folder(pipeline, str(args.data), args.num_samples, args.seed, args.guidance_scale)
