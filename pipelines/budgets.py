@@ -66,12 +66,12 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(tokenizer_preset="tiny", tokenizer_steps=500, tokenizer_batch=32, disc_start=150,
                     prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST (32x32 -> 8x8 codes) within 45 minutes on 2 CPU cores: the budget study's best measured point
-    # (held-out data: 6,000 prior steps beat 3,000), its steps scaled down to 32 training minutes on machines too
+    # (held-out data: 6,000 prior steps beat 3,000), its steps scaled down to 38 training minutes on machines too
     # slow for it (README: standard budget). Guidance 1.5: the best held-out FD-classifier after 3,000 prior steps
     # (three runs) and after 6,000 (scales 1.25, 1.5, 2.0).
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=2400, tokenizer_batch=32, disc_start=800,
                        prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
-                       guidance_scale=1.5, prior_compile=True, train_minutes=32),
+                       guidance_scale=1.5, prior_compile=True, train_minutes=38),
     # Sized for one GPU: the `base` presets and tens of thousands of steps (not run on CPU).
     "full": Budget(tokenizer_preset="base", tokenizer_steps=40000, tokenizer_batch=64, disc_start=10000,
                    prior_preset="base", prior_steps=40000, prior_batch=64, num_eval_samples=10000,
