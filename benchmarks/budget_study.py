@@ -162,7 +162,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokenizer-steps", type=int, nargs="+", default=[1200, 2400])
     parser.add_argument("--prior-steps", type=int, nargs="+", default=[1000, 2000, 4000])
     parser.add_argument("--prior-args", default="", help="further stage2_prior.train arguments for every prior, "
-                        "e.g. \"--window-offsets 16 --load-best-at-end\" (their runs get their own folders)")
+                        "e.g. --prior-args=\"--window-offsets 16 --load-best-at-end\" (with '=', as the value "
+                        "starts with '--'; their runs get their own folders)")
     parser.add_argument("--tokenizer-batch", type=int, default=32)
     parser.add_argument("--prior-batch", type=int, default=32)
     parser.add_argument("--disc-start-fraction", type=float, default=1 / 3,

@@ -86,7 +86,7 @@ def build_code_cache(
     indices = datasets.Dataset.from_dict({"index": list(range(len(source)))})
     encoded = indices.map(
         encode_batch, batched=True, batch_size=batch_size, remove_columns=["index"],
-        new_fingerprint=key, desc=f"encoding {data.name} ({split})", keep_in_memory=True,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32], desc=f"encoding {data.name} ({split})", keep_in_memory=True,
     )
     staging = path.with_name(path.name + ".tmp")
     encoded.save_to_disk(str(staging))

@@ -303,7 +303,7 @@ def test_window_offsets_cut_unlabelled_text_at_evenly_spaced_starts(tmp_path):
     from stage1_tokenizer.configuration import VQConfig
     from stage1_tokenizer.data import load_split, text_dataset
 
-    data = tmp_path / "data"
+    data = tmp_path / ("a_long_folder_name_" * 4)  # its cache key once exceeded datasets' 64-character fingerprints
     data.mkdir()
     lines = [f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(40)]
     (data / "train.txt").write_text("\n".join(lines) + "\n")
