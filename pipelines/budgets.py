@@ -40,9 +40,8 @@ class Budget:
     # the bf16 machine (README, Performance), so only budgets with thousands of prior steps turn it on.
     prior_compile: bool = False
     # Unlabelled text: cut the training text at this many starting bytes for the prior (stage2_prior.train's
-    # --window-offsets), and keep the prior weights that validate best (--load-best-at-end).
+    # --window-offsets). (No --load-best-at-end here: the priors validate on the test split the report scores.)
     prior_window_offsets: int = 1
-    prior_load_best: bool = False
     # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
     # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
     train_minutes: float | None = None
@@ -125,8 +124,6 @@ class CompareArguments:
         const=True))
     prior_window_offsets: int | None = field(default=None, metadata=described(
         "unlabelled text: cuts of the training text for the priors (stage 2's --window-offsets)"))
-    prior_load_best: bool | None = field(default=None, metadata=described(
-        "keep the prior weights that validate best (stage 2's --load-best-at-end)", nargs="?", const=True))
     train_minutes: float | None = field(default=None, metadata=described(
         "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
         "(0: run the budget's steps whatever they take)"))
@@ -192,5 +189,4 @@ def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int
     return PriorTrainingArguments(
         tokenizer=str(tokenizer_dir), max_steps=budget.prior_steps, output_dir=str(output_dir), dataset=dataset,
         preset=budget.prior_preset, batch_size=budget.prior_batch, class_conditional=class_conditional, seed=seed,
-        compile=budget.prior_compile, window_offsets=budget.prior_window_offsets,
-        load_best_at_end=budget.prior_load_best, threads=threads)
+        compile=budget.prior_compile, window_offsets=budget.prior_window_offsets, threads=threads)

@@ -41,7 +41,8 @@ class PriorTrainingArguments:
         "times as many distinct sequences from the same text; validation keeps one cut)"))
     load_best_at_end: bool = field(default=False, metadata=described(
         "keep the weights (the EMA's, with --weight-ema) that scored the lowest validation NLL at an --eval-every "
-        "step, and save those in the pipeline when they beat the last step's"))
+        "step, and save those in the pipeline when they beat the last step's (validation is the data set's test "
+        "split if it has one: do not report scores on the split that chose the weights)"))
     cache_dir: str | None = field(default=None,
                                  metadata=described("where code caches live (default ~/.cache/vqgen/codes)"))
     max_eval_items: int = field(default=2000, metadata=described("cap on validation sequences"))
