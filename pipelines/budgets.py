@@ -80,8 +80,11 @@ BUDGETS: dict[str, Budget] = {
 MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # python-docs: the `small` text tokenizer (the `tiny` one has 64 codes for 2 bytes: too few to read back).
     "quick": dict(tokenizer_preset="small", tokenizer_steps=600, disc_start=200),
-    # Text keeps the settings its README results were measured with (the image budget's study is image-only).
-    "standard": dict(tokenizer_steps=3000, disc_start=1000, prior_steps=1000, guidance_scale=2.0, train_minutes=None),
+    # Text: 5,000 prior steps over 16 cuts of the training text (unlabelled text; held-out study on
+    # tiny-shakespeare's validation split: 4.89 bits per code and samples at 1.14x the real 5-gram perplexity,
+    # against 5.76 bits and 2.07x after 1,000 steps over one cut; README, Text).
+    "standard": dict(tokenizer_steps=3000, disc_start=1000, prior_steps=5000, prior_window_offsets=16,
+                     guidance_scale=2.0, train_minutes=None),
 }}
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Budget))
 
