@@ -9,7 +9,8 @@ training text (and sentiment agreement where labelled), against the held-out tex
 train as the standard budget's do (`--compile`). Nothing here sees the test split that `vqgen compare` reports.
 Two sweeps from one base point (the first value of each list): the prior's steps at the base tokenizer, and the
 tokenizer's steps under a base-length prior. The wall-clock minutes of each stage are recorded, so the plot shows
-the sample metric (FD-classifier, or 5-gram perplexity for text) against minutes for each stage. Finished runs in --output-dir are reused.
+the sample metric (FD-classifier, or 5-gram perplexity for text) against minutes for each stage. Finished runs in
+--output-dir are reused.
 
     python benchmarks/budget_study.py --variant vqgan --tokenizer-steps 1200 2400 --prior-steps 1000 2000 4000
     python benchmarks/budget_study.py --modality text --dataset ../shared/data/tiny_shakespeare --variant vqvae \

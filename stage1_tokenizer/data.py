@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -410,17 +411,17 @@ def _warn(message: str) -> None:
 
 
 class TextWindowDataset(torch.utils.data.Dataset):
-    """Byte windows of `seq_len`: the split's texts joined by newlines and cut ("windows", for training; the cut
-    starts `offset` bytes in), or one padded/truncated window per non-empty record ("records", for evaluation and
-    labelled data)."""
+    """Byte windows of `seq_len`: the split's texts joined by newlines and cut ("windows", for training; one cut
+    per starting byte in `offsets`, one after another), or one padded/truncated window per non-empty record
+    ("records", for evaluation and labelled data)."""
 
-    def __init__(self, split: Split, seq_len: int, mode: str = "windows", offset: int = 0):
+    def __init__(self, split: Split, seq_len: int, mode: str = "windows", offsets: Sequence[int] = (0,)):
         from .configuration import PAD_BYTE
 
         if mode not in ("windows", "records"):
             raise ValueError(f"mode={mode!r}; expected 'windows' or 'records'")
-        if offset and mode != "windows":
-            raise ValueError(f"offset={offset} applies to mode='windows' only")
+        if tuple(offsets) != (0,) and mode != "windows":
+            raise ValueError(f"offsets={tuple(offsets)} apply to mode='windows' only")
         texts = split.records[split.column] if not isinstance(split.records, list) else [r[split.column] for r in split.records]
         labels = None
         if split.class_names is not None:
@@ -432,11 +433,11 @@ class TextWindowDataset(torch.utils.data.Dataset):
         if mode == "windows":
             if missing:
                 _warn(f"data set {split.name!r}: skipped {missing} of {len(texts)} text records that are missing (None)")
-            data = "\n".join(t for t in texts if t is not None).encode("utf-8")[offset:]
-            usable = len(data) // seq_len * seq_len
-            if usable == 0:
+            data = torch.tensor(list("\n".join(t for t in texts if t is not None).encode("utf-8")), dtype=torch.long)
+            if len(data) < seq_len:
                 raise DataError(f"data set {split.name!r} holds fewer than seq_len={seq_len} bytes of text")
-            self.windows = torch.tensor(list(data[:usable]), dtype=torch.long).view(-1, seq_len)
+            cuts = [data[offset:][: (len(data) - offset) // seq_len * seq_len].view(-1, seq_len) for offset in offsets]
+            self.windows = torch.cat(cuts)
             self.labels = torch.full((len(self.windows),), -1, dtype=torch.long)
         else:
             keep = [i for i, t in enumerate(texts) if t and t.strip()]
@@ -456,9 +457,9 @@ class TextWindowDataset(torch.utils.data.Dataset):
         return self.windows[index], int(self.labels[index])
 
 
-def text_dataset(split: Split, seq_len: int, offset: int = 0) -> TextWindowDataset:
+def text_dataset(split: Split, seq_len: int, offsets: Sequence[int] = (0,)) -> TextWindowDataset:
     """The one rule for text everywhere: labelled data one record per sequence (each keeps its label),
-    unlabelled data as contiguous windows (cut from `offset` bytes in)."""
+    unlabelled data as contiguous windows (cut once from each of `offsets` bytes in)."""
     if split.class_names is not None:
         return TextWindowDataset(split, seq_len, "records")
-    return TextWindowDataset(split, seq_len, "windows", offset)
+    return TextWindowDataset(split, seq_len, "windows", offsets)

@@ -42,8 +42,7 @@ def source_dataset(tokenizer: VQModel, dataset: str, split: str, window_offsets:
         raise ValueError(f"window_offsets={window_offsets} exceeds the tokenizer's seq_len={config.seq_len}")
     step, per_code = config.seq_len / window_offsets, config.seq_len // config.latent_shape[-1]
     starts = sorted({(int(k * step) + k % per_code) % config.seq_len for k in range(window_offsets)})
-    cuts = [text_dataset(data, config.seq_len, offset=start) for start in starts]
-    return data, torch.utils.data.ConcatDataset(cuts)
+    return data, text_dataset(data, config.seq_len, offsets=starts)
 
 
 def build_code_cache(
@@ -64,7 +63,7 @@ def build_code_cache(
     data, source = source_dataset(tokenizer, dataset, split, window_offsets)
     text = tokenizer.config.modality == "text"
     key = f"{data.fingerprint}-{tokenizer_fingerprint(tokenizer)}" + ("-length" if text else "")
-    if isinstance(source, torch.utils.data.ConcatDataset):
+    if text and window_offsets > 1 and data.class_names is None:
         key += f"-offsets{window_offsets}"
     path = Path(cache_dir or DEFAULT_CACHE) / key.replace("/", "_")
     if (path / "dataset_info.json").is_file():
@@ -86,7 +85,8 @@ def build_code_cache(
     indices = datasets.Dataset.from_dict({"index": list(range(len(source)))})
     encoded = indices.map(
         encode_batch, batched=True, batch_size=batch_size, remove_columns=["index"],
-        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32], desc=f"encoding {data.name} ({split})", keep_in_memory=True,
+        new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32], desc=f"encoding {data.name} ({split})",
+        keep_in_memory=True,
     )
     staging = path.with_name(path.name + ".tmp")
     encoded.save_to_disk(str(staging))

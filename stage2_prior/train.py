@@ -92,28 +92,28 @@ def validation_loss(accelerator, prior, layout, codes, labels, conditional, leng
 
 class BestWeights:
     """--load-best-at-end: the weights with the lowest validation NLL so far, as safetensors in `folder` (with the
-    step and NLL beside them), so that a resumed run still knows them. Main process only."""
+    step and its validation row beside them), so that a resumed run still knows them. Main process only."""
 
     def __init__(self, folder: Path, enabled: bool, resumed_step: int | None = None):
         self.folder, self.enabled, self.record = folder, enabled, None
-        record = folder / "best.json"
         if not enabled:
             return
-        if resumed_step is not None and record.is_file():
-            saved = json.loads(record.read_text())
+        if resumed_step is not None and (folder / "best.json").is_file():
+            saved = json.loads((folder / "best.json").read_text())
             # Best weights from beyond the resumed checkpoint belong to steps the run is about to redo.
             self.record = saved if saved["step"] <= resumed_step else None
         elif resumed_step is None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def offer(self, model: torch.nn.Module, step: int, val_nll: float) -> None:
-        if not self.enabled or (self.record is not None and val_nll >= self.record["val_nll"]):
+    def offer(self, model: torch.nn.Module, step: int, validation: dict) -> None:
+        """Keep `model`'s weights when `validation` (a `validation_loss` row) beats the best so far."""
+        if not self.enabled or (self.record is not None and validation["val_nll"] >= self.record["val_nll"]):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = self.folder / ".tmp-model.safetensors"
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(staging))
         os.replace(staging, self.folder / "model.safetensors")
-        self.record = {"step": step, "val_nll": val_nll}
+        self.record = {"step": step, **validation}
         (self.folder / ".tmp-best.json").write_text(json.dumps(self.record))
         os.replace(self.folder / ".tmp-best.json", self.folder / "best.json")
 
@@ -223,7 +223,7 @@ def main(args: PriorTrainingArguments) -> None:
         row = {}
         if step % every["eval_every"] == 0 or step == args.max_steps:
             row.update(validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths))
-            best.offer(evaluated, step, row["val_nll"])
+            best.offer(evaluated, step, dict(row))
         if step % every["log_every"] == 0 or row:
             loss_value = accelerator.reduce(window.mean().get("loss", loss.detach().float()), reduction="mean")
             row = logger.log(step, {"loss": loss_value, "bits_per_code": loss_value / math.log(2),
@@ -241,9 +241,9 @@ def main(args: PriorTrainingArguments) -> None:
     if accelerator.is_main_process:
         final = validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths)
         chosen = best.restore(evaluated, final["val_nll"])
-        if chosen is not None:  # an earlier step validated better: the pipeline gets its weights
+        if chosen is not None:  # an earlier step validated better: the pipeline gets its weights, and their scores
             metadata.update(best_step=chosen["step"], prior_metrics_last_step=final)
-            final = validation_loss(accelerator, evaluated, layout, eval_x, eval_y, conditional, eval_lengths)
+            final = {key: value for key, value in chosen.items() if key != "step"}
             accelerator.print(f"--load-best-at-end: the weights of step {chosen['step']} validated best")
         metadata["prior_metrics"] = final
         if ema is not None:  # the same validation on the trained weights themselves, for comparison

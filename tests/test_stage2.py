@@ -310,7 +310,7 @@ def test_window_offsets_cut_unlabelled_text_at_evenly_spaced_starts(tmp_path):
     (data / "validation.txt").write_text("\n".join(lines[:4]) + "\n")
     stream = "\n".join(lines).encode()
     split = load_split(str(data), "train", "text")
-    shifted = text_dataset(split, 16, offset=5)
+    shifted = text_dataset(split, 16, offsets=[5])
     assert bytes(shifted[0][0].tolist()) == stream[5:21] and bytes(shifted[1][0].tolist()) == stream[21:37]
     assert len(shifted) == (len(stream) - 5) // 16
 
@@ -321,12 +321,12 @@ def test_window_offsets_cut_unlabelled_text_at_evenly_spaced_starts(tmp_path):
     assert not hit  # its own cache entry, not the single cut's
     # seq_len 16 in 8 codes: 2 bytes per code, so cut k starts at 4k + k mod 2 bytes
     assert tokenizer.config.latent_shape == (8,)
-    expected = [len(text_dataset(split, 16, offset=start)) for start in (0, 5, 8, 13)]
+    expected = [len(text_dataset(split, 16, offsets=[start])) for start in (0, 5, 8, 13)]
     assert len(four) == sum(expected) and len(one) == expected[0]
     codes_one, codes_four = codes_tensor(one)[0], codes_tensor(four)[0]
     assert torch.equal(codes_four[: len(one)], codes_one)  # the first cut is the plain one
     with torch.no_grad():
-        third_cut = text_dataset(split, 16, offset=8)
+        third_cut = text_dataset(split, 16, offsets=[8])
         start = sum(expected[:2])
         assert torch.equal(codes_four[start], tokenizer.encode(third_cut[0][0][None]).flatten())
     with pytest.raises(ValueError, match="exceeds the tokenizer's seq_len"):
@@ -456,7 +456,7 @@ def test_load_best_at_end_saves_the_weights_that_validated_best(pipeline_tokeniz
     """Validation at steps 2, 4, 6, 8 scripted so step 4 scores best: the pipeline gets step 4's weights (the same
     as its checkpoint's), and the metadata names the step and keeps the last step's scores."""
     real = prior_train.validation_loss
-    penalty = iter([1.0, 0.0, 1.0, 2.0, 2.0, 0.0])  # steps 2, 4, 6, 8, the final check, then the restored weights
+    penalty = iter([1.0, 0.0, 1.0, 2.0, 2.0])  # steps 2, 4, 6, 8, then the final check
 
     def scripted(*args, **kwargs):
         row = real(*args, **kwargs)
@@ -480,12 +480,13 @@ def test_load_best_at_end_saves_the_weights_that_validated_best(pipeline_tokeniz
 def test_best_weights_survive_a_resume_but_not_from_beyond_it(tmp_path):
     model = torch.nn.Linear(2, 2)
     best = prior_train.BestWeights(tmp_path / "best", enabled=True)
-    best.offer(model, 2, 1.5)
+    best.offer(model, 2, {"val_nll": 1.5})
     kept = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
-    best.offer(model, 4, 1.7)  # worse: not kept
-    assert prior_train.BestWeights(tmp_path / "best", enabled=True, resumed_step=4).record == {"step": 2, "val_nll": 1.5}
+    best.offer(model, 4, {"val_nll": 1.7})  # worse: not kept
+    resumed = prior_train.BestWeights(tmp_path / "best", enabled=True, resumed_step=4)
+    assert resumed.record == {"step": 2, "val_nll": 1.5}
     assert prior_train.BestWeights(tmp_path / "best", enabled=True, resumed_step=1).record is None
     assert best.restore(model, final_nll=1.4) is None  # the last weights beat it: unchanged
     assert not torch.equal(model.weight, kept["weight"])
