@@ -81,6 +81,9 @@ class TokenizerTrainingArguments:
         "a named set of discriminator fields (default: the config's own, i.e. 'vqgen'; 'taming' reproduces "
         "taming-transformers)", choices=sorted(GAN_RECIPES)))
     ema_decay: float | None = field(default=None, metadata=described("use an EMA codebook with this decay (e.g. 0.99)"))
+    weight_ema: float | None = field(default=None, metadata=described(
+        "also keep an exponential moving average of the autoencoder's weights with this decay (e.g. 0.999; warmed "
+        "up over the first steps); previews, the evaluation and the saved model then use the average"))
     codebook_size: int | None = None
     resolution: int | None = None
     hflip: bool = field(default=False, metadata=described("random horizontal flips"))
@@ -111,6 +114,8 @@ class TokenizerTrainingArguments:
             raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
+            raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
 
     def resolved(self) -> "TokenizerTrainingArguments":
         """A copy with the preset's training defaults in place of None (batch size, learning rates, intervals)."""

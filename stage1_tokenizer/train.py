@@ -26,6 +26,7 @@ from .train_utils import (
     catch_interrupts,
     check_compile_available,
     check_run_identity,
+    checkpoint_module,
     claim_output_dir,
     mixed_precision_mode,
     reduce_logs,
@@ -35,6 +36,7 @@ from .train_utils import (
     save_checkpoint,
     save_pretrained_atomic,
     tune_allocator,
+    weight_ema,
 )
 
 
@@ -142,6 +144,25 @@ def build_models(accelerator, config: VQConfig, learning_rate: float, disc_learn
     return model, objective, wrapped_disc, (ae_opt, disc_opt)
 
 
+def autoencoder_ema(model: VQModel, decay: float):
+    """A weight EMA of `model` (--weight-ema), built from an uncompiled copy (--compile compiles submodules in
+    place) without drawing from the global RNG, so a run trains the same with and without it."""
+    with torch.random.fork_rng(devices=[]):
+        copy = VQModel(model.config).to(model.device)
+    copy.load_state_dict(model.state_dict())
+    return weight_ema(copy, decay)
+
+
+@torch.no_grad()
+def averaged_autoencoder(ema, model: VQModel) -> VQModel:
+    """The EMA's autoencoder, given `model`'s buffers (codebook statistics, usage counters: the average holds
+    parameters only), ready to preview, evaluate or save."""
+    live = dict(model.named_buffers())
+    for name, buffer in ema.module.named_buffers():
+        buffer.copy_(live[name])
+    return ema.module
+
+
 def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, batch, step, guard) -> dict | None:
     """One autoencoder update and, once the GAN is on, one discriminator update. None when skipped."""
     ae_opt, disc_opt = optimizers
@@ -190,6 +211,12 @@ def main(args: TokenizerTrainingArguments) -> None:
         accelerator.print(f"warning: --skip-corrupt skipped undecodable records: {skipped}")
     model, objective, wrapped_disc, (ae_opt, disc_opt) = build_models(
         accelerator, config, args.learning_rate, args.disc_learning_rate, args.compile)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = autoencoder_ema(unwrapped, args.weight_ema) if args.weight_ema else None
+    if ema is not None:
+        checkpoint_module(accelerator, ema, "weight_ema")
+    # What previews, the evaluation and the saved model use: the EMA's weights with --weight-ema.
+    evaluated = (lambda: averaged_autoencoder(ema, unwrapped)) if ema is not None else (lambda: unwrapped)
 
     step = 0
     checkpoint_dir = output_dir / "checkpoints"
@@ -217,7 +244,6 @@ def main(args: TokenizerTrainingArguments) -> None:
     fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     log_every, checkpoint_every, sample_every = args.log_every, args.checkpoint_every, args.sample_every
-    unwrapped = accelerator.unwrap_model(model)
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc=f"{config.variant} tokenizer", dynamic_ncols=True)
@@ -230,6 +256,8 @@ def main(args: TokenizerTrainingArguments) -> None:
         logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)
         if logs is not None:
             window.add(logs)
+            if ema is not None:
+                ema.update_parameters(unwrapped)
         step += 1
         rebalance_threads()
         progress.update(1)
@@ -243,17 +271,22 @@ def main(args: TokenizerTrainingArguments) -> None:
             progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")
             tick = time.time()
         if step % sample_every == 0 and accelerator.is_main_process:
-            save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
+            save_reconstructions(evaluated(), fixed, output_dir / "samples" / f"step_{step:07d}.png")
         if step % checkpoint_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
         interrupts.check(step)  # Ctrl-C / SIGTERM: checkpoint and stop
     progress.close()
     save_checkpoint(accelerator, checkpoint_dir, step, args.keep_checkpoints)
     if accelerator.is_main_process:
-        save_pretrained_atomic(unwrapped, output_dir)
-        save_reconstructions(unwrapped, fixed, output_dir / "samples" / f"step_{step:07d}.png")
-        metrics = reconstruction_metrics(unwrapped, eval_set, max_items=args.max_eval_items)
+        final = evaluated()
+        save_pretrained_atomic(final, output_dir)
+        save_reconstructions(final, fixed, output_dir / "samples" / f"step_{step:07d}.png")
+        metrics = reconstruction_metrics(final, eval_set, max_items=args.max_eval_items)
         summary = {"num_examples": metrics.pop("num_items"), **{f"test_{k}": v for k, v in metrics.items()}}
+        if ema is not None:  # the trained weights themselves, for comparison
+            raw = reconstruction_metrics(unwrapped, eval_set, max_items=args.max_eval_items)
+            summary.update(weight_ema=args.weight_ema, without_weight_ema={
+                f"test_{k}": v for k, v in raw.items() if k != "num_items"})
         if args.skip_corrupt:
             summary["skipped_corrupt_records"] = skipped
         (output_dir / "eval_results.json").write_text(json.dumps(summary, indent=2))

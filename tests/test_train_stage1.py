@@ -169,7 +169,8 @@ def test_accelerate_launch(tmp_path, offline_env):
 # bf16 autocast on CPU is deterministic too (checked here); the second case also restarts dead codes every
 # few batches (global RNG) and starts with k-means, so the checkpointed RNG state is exercised.
 RESUME_CASES = {
-    "vqgan-bf16-hflip": (["--variant", "vqgan", "--mixed-precision", "bf16", "--hflip"], None),
+    "vqgan-bf16-hflip-weight-ema": (["--variant", "vqgan", "--mixed-precision", "bf16", "--hflip", "--weight-ema", 0.9],
+                                    None),
     "vqvae-ema-restarts-no-amp": (["--variant", "vqvae", "--mixed-precision", "no"],
                                   dict(ema_decay=0.99, kmeans_init=True, dead_code_threshold=4.0, usage_window=2)),
 }
@@ -199,6 +200,36 @@ def test_resume_equals_an_uninterrupted_run(train, tmp_path, argv, config_fields
     if config_fields is not None:
         restarted_at = load_file(str(straight / "model.safetensors"))["quantizer.restarted_at"]
         assert restarted_at.max() > 4, "dead codes must have been restarted after the resume point"
+
+
+def test_weight_ema_is_the_average_of_each_steps_weights_and_leaves_training_alone(train, tmp_path):
+    argv = ["--dataset", "digits", "--variant", "vqgan", "--disc-start", 2, "--mixed-precision", "no", "--cpu",
+            "--checkpoint-every", 1, "--keep-checkpoints", 10, "--max-eval-items", 64]
+    plain = train(tmp_path / "plain", *argv, steps=5)
+    averaged = train(tmp_path / "ema", *argv, "--weight-ema", 0.5, steps=5)
+
+    # The trained weights are the same with and without the average.
+    assert_same_weights(plain / "checkpoints" / "step_5" / "model.safetensors",
+                        averaged / "checkpoints" / "step_5" / "model.safetensors")
+    # The saved model is the warmed-up EMA of each step's weights: the first step's copied, then the n-th update
+    # keeps min(decay, (1 + n) / (10 + n)) of the average.
+    steps = [load_file(str(plain / "checkpoints" / f"step_{k}" / "model.safetensors")) for k in range(1, 6)]
+    saved = load_file(str(averaged / "model.safetensors"))
+    parameters = dict(VQModel.from_pretrained(plain).named_parameters())
+    for name in parameters:
+        expected = steps[0][name].clone()
+        for n, weights in enumerate(steps[1:], start=1):
+            keep = min(0.5, (1 + n) / (10 + n))
+            expected = keep * expected + (1 - keep) * weights[name]
+        torch.testing.assert_close(saved[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(saved["decoder.conv_out.weight"], steps[-1]["decoder.conv_out.weight"])
+    # Buffers (codebook usage counters) are the trained model's.
+    torch.testing.assert_close(saved["quantizer.usage_counts"], steps[-1]["quantizer.usage_counts"])
+    results = json.loads((averaged / "eval_results.json").read_text())
+    assert results["weight_ema"] == 0.5
+    assert results["without_weight_ema"]["test_psnr"] == pytest.approx(
+        json.loads((plain / "eval_results.json").read_text())["test_psnr"])
+    assert results["test_psnr"] != results["without_weight_ema"]["test_psnr"]
 
 
 def folder_without_image_column(tmp_path: Path) -> list[str]:
@@ -288,8 +319,9 @@ def test_non_finite_losses_stop_the_run_with_a_checkpoint(train, tmp_path, capsy
         (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
         (["--variant", "vqx"], "argument --variant: invalid choice: 'vqx'"),
         (["--max-steps", "0"], "--max-steps must be >= 1"),
+        (["--weight-ema", "1.0"], "--weight-ema must be in (0, 1)"),
     ],
-    ids=["preset", "variant", "max-steps"],
+    ids=["preset", "variant", "max-steps", "weight-ema"],
 )
 def test_bad_arguments_are_argparse_errors(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
