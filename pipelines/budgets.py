@@ -42,6 +42,9 @@ class Budget:
     # Unlabelled text: cut the training text at this many starting bytes for the prior (stage2_prior.train's
     # --window-offsets). (No --load-best-at-end here: the priors validate on the test split the report scores.)
     prior_window_offsets: int = 1
+    # Both tokenizers save (and are evaluated with) an EMA of their weights with this decay (stage 1's
+    # --weight-ema); None: their trained weights.
+    tokenizer_weight_ema: float | None = None
     # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
     # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
     train_minutes: float | None = None
@@ -53,6 +56,8 @@ class Budget:
         if self.disc_start < 0:
             raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
         check_finite(self, ("train_minutes",), strict=False)
+        if self.tokenizer_weight_ema is not None and not 0.0 < self.tokenizer_weight_ema < 1.0:
+            raise ValueError(f"--tokenizer-weight-ema must be in (0, 1), got {self.tokenizer_weight_ema}")
         if self.tokenizer_preset not in TOKENIZER_PRESETS:
             raise ValueError(f"tokenizer preset {self.tokenizer_preset!r} is unknown; expected one of "
                              f"{sorted(TOKENIZER_PRESETS)}")
@@ -84,8 +89,10 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # tiny-shakespeare's validation split: 4.89 bits per code and samples at 1.14x the real 5-gram perplexity,
     # against 5.76 bits and 2.07x after 1,000 steps over one cut). Guidance 3: on SST-2's validation split it
     # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (README, Text).
+    # Fitted to the image budget's 38 training minutes: on a CPU with AVX512-BF16 but no AMX these steps would
+    # train for about 49 minutes (README, Text).
     "standard": dict(tokenizer_steps=3000, disc_start=1000, prior_steps=5000, prior_window_offsets=16,
-                     guidance_scale=3.0, train_minutes=None),
+                     guidance_scale=3.0),
 }}
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Budget))
 
@@ -128,6 +135,8 @@ class CompareArguments:
         const=True))
     prior_window_offsets: int | None = field(default=None, metadata=described(
         "unlabelled text: cuts of the training text for the priors (stage 2's --window-offsets)"))
+    tokenizer_weight_ema: float | None = field(default=None, metadata=described(
+        "the tokenizers keep an EMA of their weights with this decay and use it (stage 1's --weight-ema)"))
     train_minutes: float | None = field(default=None, metadata=described(
         "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
         "(0: run the budget's steps whatever they take)"))
@@ -184,7 +193,8 @@ def tokenizer_arguments(budget: Budget, variant: str, dataset: str, modality: st
     return TokenizerTrainingArguments(
         max_steps=budget.tokenizer_steps, output_dir=str(output_dir), dataset=dataset, modality=modality,
         variant=variant, preset=budget.tokenizer_preset, batch_size=budget.tokenizer_batch,
-        disc_start=budget.disc_start, perceptual_backend=perceptual, seed=seed, threads=threads)
+        disc_start=budget.disc_start, perceptual_backend=perceptual, seed=seed, threads=threads,
+        weight_ema=budget.tokenizer_weight_ema)
 
 
 def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int, class_conditional: bool,
