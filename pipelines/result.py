@@ -93,5 +93,6 @@ def aggregate(settings: dict, runs: list[dict], seeds: list[int]) -> CompareResu
     result.per_seed = [{"seed": seed, **{g: run.get(g, {}) for g in GROUPS}, "gan_health": run.get("gan_health")}
                        for seed, run in zip(seeds, runs)]
     result.verdict = verdict({"generation": result.generation, "reconstruction": result.reconstruction},
-                             result.intervals, seeds, settings.get("num_eval_samples"), result.gan_health)
+                             result.intervals, seeds, settings.get("num_eval_samples"), result.gan_health,
+                             inputs="text" if settings.get("modality") == "text" else "images")
     return result

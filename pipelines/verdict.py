@@ -139,8 +139,9 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
-def gan_health_sentence(health) -> str:
-    """A sentence on whether VQGAN's discriminator separated real from reconstructed images ('' without data)."""
+def gan_health_sentence(health, inputs: str = "images") -> str:
+    """A sentence on whether VQGAN's discriminator separated real from reconstructed `inputs` (images or text; ''
+    without data)."""
     if not isinstance(health, dict) or not is_number(health.get("disc_loss")):
         return ""
     accuracy = (f", accuracy {health['disc_acc_real']:.0%} on real and {health['disc_acc_fake']:.0%} on "
@@ -150,12 +151,12 @@ def gan_health_sentence(health) -> str:
                f"{_and(['1.0'] + ['50%'] * bool(accuracy) + ['0.5'] * bool(auc))} "
                f"{'are' if accuracy or auc else 'is'} chance")
     if health.get("separated"):
-        return f"VQGAN's discriminator separated real from reconstructed images ({figures})."
+        return f"VQGAN's discriminator separated real from reconstructed {inputs} ({figures})."
     if health.get("ranked"):
-        return (f"**VQGAN's discriminator separated real from reconstructed images only weakly** ({figures}): it "
+        return (f"**VQGAN's discriminator separated real from reconstructed {inputs} only weakly** ({figures}): it "
                 "ranks real patches above reconstructed ones more often than not, but does not reliably tell them "
                 "apart, so its adversarial term is a weak signal (see GAN health under Training curves).")
-    return (f"**VQGAN's discriminator never separated real from reconstructed images** ({figures}), so its "
+    return (f"**VQGAN's discriminator never separated real from reconstructed {inputs}** ({figures}), so its "
             "adversarial term carried no signal: read the VQGAN column as an L1 + perceptual autoencoder, not as "
             "a working GAN (see GAN health under Training curves).")
 
@@ -207,7 +208,7 @@ def _labels(keys: list[str]) -> str:
 
 
 def verdict(groups: dict[str, dict], intervals: dict[str, dict], seeds: list[int], num_samples: int | None,
-            gan: dict | None = None) -> dict:
+            gan: dict | None = None, inputs: str = "images") -> dict:
     """The judged metrics per group and a summary paragraph (Markdown **bold**) that names only clear winners.
 
     groups: {"generation": {"vqvae": {key: value}, "vqgan": ..., "real": ...}, "reconstruction": ...};
@@ -254,7 +255,7 @@ def verdict(groups: dict[str, dict], intervals: dict[str, dict], seeds: list[int
     if is_number(real_fd):
         sentences.append(f"FD-classifier is biased upwards at finite N: real images against real images at the same N "
                          f"score {real_fd:.3g}, the floor any sample set is measured against.")
-    health = gan_health_sentence(gan)
+    health = gan_health_sentence(gan, inputs)
     if health:
         sentences.append(health)
     return {"seeds": list(seeds), "seed_variation_measured": len(seeds) > 1, "metrics": judged,

@@ -365,3 +365,4 @@ def test_a_discriminator_that_only_ranks_is_called_weak_not_absent():
     assert "only weakly" in sentence and "separation AUC 0.66" in sentence and "never" not in sentence
     chance = gan_health([dict(row, disc_auc=0.5, disc_loss=0.99) for row in rows])
     assert not chance["ranked"] and "never separated" in gan_health_sentence(chance)
+    assert "real from reconstructed text only weakly" in gan_health_sentence(weak, "text")  # the text modality
