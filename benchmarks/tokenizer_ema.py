@@ -1,0 +1,96 @@
+"""Tokenizer weight EMA: the averaged weights against the trained weights of the same run, on held-out images.
+
+Each --variants tokenizer trains once through `stage1_tokenizer.train --weight-ema DECAY`. The average does not
+change training, so the run's last checkpoint holds the trained weights and `model.safetensors` their average.
+Both are scored on held-out data (the data set's validation split, else the last --holdout train images, left out
+of training) with the project's feature classifier: PSNR, SSIM, FD-classifier and class accuracy of the
+reconstructions. Nothing here sees the test split that `vqgen compare` reports. Finished runs are reused.
+
+    python benchmarks/tokenizer_ema.py --steps 2400 --disc-start 800 --weight-ema 0.999
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from pipelines.classifier import load_or_train_classifier  # noqa: E402
+from stage1_tokenizer import VQModel  # noqa: E402
+from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
+
+
+def train(args, variant: str) -> tuple[Path, float]:
+    folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}_ema{args.weight_ema:g}"
+    stamp = folder / "study_seconds.json"
+    if (folder / "model.safetensors").is_file() and stamp.is_file():
+        print(f"reusing {folder}")
+        return folder, json.loads(stamp.read_text())["seconds"]
+    command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", variant,
+               "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--disc-start", str(args.disc_start), "--weight-ema", str(args.weight_ema), "--seed", str(args.seed),
+               "--max-eval-items", "1000", "--output-dir", str(folder)]
+    print(f"$ {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    seconds = time.time() - start
+    stamp.write_text(json.dumps({"seconds": seconds}))
+    return folder, seconds
+
+
+def trained_weights(folder: Path, steps: int) -> VQModel:
+    """The run's own weights at its last step (the checkpoint), in the saved model's architecture."""
+    model = VQModel.from_pretrained(folder)
+    model.load_state_dict(load_file(str(folder / "checkpoints" / f"step_{steps}" / "model.safetensors")))
+    return model.eval()
+
+
+def main(args: argparse.Namespace) -> None:
+    env = environment(torch.device("cpu"))
+    args.data = held_out_dataset(args.dataset, args.holdout, Path(args.output_dir))
+    rows = []
+    for variant in args.variants:
+        folder, seconds = train(args, variant)
+        averaged = VQModel.from_pretrained(folder).eval()
+        classifier, _ = load_or_train_classifier(str(args.data), averaged.config.resolution,
+                                                 averaged.config.in_channels, seed=args.seed)
+        for label, model in (("trained", trained_weights(folder, args.steps)), (f"EMA {args.weight_ema:g}", averaged)):
+            metrics = reconstruction_metrics(model, str(args.data), classifier=classifier)
+            rows.append({"variant": variant, "weights": label, "minutes": seconds / 60, **metrics})
+    table = print_table(
+        f"Tokenizer weight EMA ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
+        f"{args.disc_start}; reconstructions of held-out images, N = {rows[0]['num_items']})",
+        [("variant", "variant"), ("weights", "weights"), ("minutes", "training min"), ("psnr", "PSNR"),
+         ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
+         ("codebook_usage", "codebook usage %")], rows,
+        digits={"minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
+                "codebook_usage": 1})
+    write_json(args.output or RESULTS_DIR / "tokenizer_ema.json",
+               {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(SHARED_DATA / "fashion_mnist"))
+    parser.add_argument("--variants", nargs="+", choices=("vqvae", "vqgan"), default=["vqgan", "vqvae"])
+    parser.add_argument("--holdout", type=int, default=5000, help="last train images held out for scoring")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--disc-start", type=int, default=800)
+    parser.add_argument("--weight-ema", type=float, default=0.999)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/tokenizer_ema")
+    parser.add_argument("--output", type=Path)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())
