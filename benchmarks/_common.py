@@ -171,6 +171,10 @@ def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
             raise SystemExit(f"error: --holdout must lie in 1..{len(train) - 1}, got {holdout}")
         train, evaluation = train.select(range(len(train) - holdout)), train.select(range(len(train) - holdout,
                                                                                              len(train)))
+        if "label" in train.column_names and set(evaluation["label"]) != set(train["label"]):
+            raise SystemExit(f"error: the last {holdout} train records of {dataset} hold only the labels "
+                             f"{sorted(set(evaluation['label']))}: its train split is stored sorted, so they are no "
+                             f"held-out sample of it")
     folder.mkdir(parents=True, exist_ok=True)
     train.to_parquet(folder / "train.parquet")
     evaluation.to_parquet(folder / "test.parquet")

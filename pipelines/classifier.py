@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_tokenizer.data import ImageDataset, Split, load_split, to_square
+from stage1_tokenizer.data import ImageDataset, Split, evaluation_subset, load_split, to_square
 from stage1_tokenizer.precision import fast_autocast
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or the training recipe changes: it is part of the cache key
@@ -85,14 +85,15 @@ def weights_sha256(module: nn.Module) -> str:
 
 def load_images(dataset: str | Split, split: str, resolution: int, in_channels: int,
                 max_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, C, R, R) in [-1, 1] and labels (N,) (-1 when unlabelled) of a split ('train' or 'eval')."""
+    """Images (N, C, R, R) in [-1, 1] and labels (N,) (-1 when unlabelled) of a split ('train' or 'eval'): all of
+    them, or `max_items` drawn across the split (`evaluation_subset`)."""
     data = dataset if isinstance(dataset, Split) else load_split(dataset, split, "image")
     items = ImageDataset(data, resolution, in_channels)
-    count = len(items) if max_items is None else min(max_items, len(items))
-    images = torch.empty(count, in_channels, resolution, resolution)
-    labels = torch.empty(count, dtype=torch.long)
-    for index in range(count):
-        images[index], labels[index] = items[index]
+    chosen = evaluation_subset(len(items), max_items)
+    images = torch.empty(len(chosen), in_channels, resolution, resolution)
+    labels = torch.empty(len(chosen), dtype=torch.long)
+    for row, index in enumerate(chosen):
+        images[row], labels[row] = items[index]
     return images, labels
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stage1_tokenizer.data import load_split, text_dataset
+from stage1_tokenizer.data import evaluation_subset, load_split, text_dataset
 from stage1_tokenizer.evaluation import reconstruction_metrics
 from stage1_tokenizer.modeling_text import bytes_to_strings
 
@@ -201,14 +201,13 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
                    seed: int) -> dict:
     """Reconstruction + sample metrics and intervals for text pipelines, with a real-text row and sample texts."""
     first = next(iter(pipes.values()))
-    count = num_samples
     train_split, eval_split = load_split(dataset, "train", "text"), load_split(dataset, "eval", "text")
     train_texts, train_labels = texts_and_labels(train_split, None)
     # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows).
     held_out = text_dataset(eval_split, first.tokenizer.config.seq_len)
-    count = min(count, len(held_out))
-    real_texts = bytes_to_strings(held_out.windows[:count])
-    real_labels = held_out.labels[:count].tolist() if held_out.has_labels else None
+    chosen = torch.tensor(evaluation_subset(len(held_out), num_samples))  # drawn across the split, not its first records
+    real_texts = bytes_to_strings(held_out.windows[chosen])
+    real_labels = held_out.labels[chosen].tolist() if held_out.has_labels else None
     ngram = CharNgramModel(order=5).fit(train_texts)
     # The training text as the tokenizer saw it, for the copy rate: records, or one stream of newline-joined lines.
     seen = train_texts if train_labels is not None else ["\n".join(train_texts)]

@@ -361,6 +361,15 @@ class ImageDataset(torch.utils.data.Dataset):
         return image, label
 
 
+def evaluation_subset(length: int, count: int | None) -> list[int]:
+    """Which of `length` items an evaluation capped at `count` uses: all of them when they fit, else a fixed random
+    draw of `count` (seed 0, kept in order). Never the first `count`: splits stored sorted by label (MNIST's are)
+    would be judged on their first classes only."""
+    if count is None or count >= length:
+        return list(range(length))
+    return torch.randperm(length, generator=torch.Generator().manual_seed(0))[:count].sort().values.tolist()
+
+
 class StepBatchSampler(torch.utils.data.Sampler):
     """Yields this process's index batches from `start_step` on: epoch e uses randperm seeded by (seed, e).
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .configuration import PAD_BYTE
-from .data import ImageDataset, Split, load_split, text_dataset
+from .data import ImageDataset, Split, evaluation_subset, load_split, text_dataset
 from .modeling import VQModel
 from .quantizer import usage_from_counts
 
@@ -83,7 +83,7 @@ def _eval_items(model: VQModel, dataset) -> torch.utils.data.Dataset:
 @torch.no_grad()
 def reconstruction_metrics(model: VQModel, dataset, classifier: nn.Module | None = None,
                            batch_size: int = 256, max_items: int | None = None) -> dict[str, float]:
-    """Reconstruction quality and codebook usage of a tokenizer over (the first `max_items` of) an eval split.
+    """Reconstruction quality and codebook usage of a tokenizer over an eval split (or `max_items` drawn across it).
 
     `dataset` is a name/path (its eval split is used), a Split, or a torch Dataset of (input, label) pairs.
     Images: mse (on [-1, 1]), psnr (dB, per image then averaged, capped at 100), ssim (on [0, 1]), and with a
@@ -94,7 +94,8 @@ def reconstruction_metrics(model: VQModel, dataset, classifier: nn.Module | None
     codes used over the whole split), perplexity (of that code histogram) and num_items.
     """
     items = _eval_items(model, dataset)
-    count = len(items) if max_items is None else min(max_items, len(items))
+    chosen = evaluation_subset(len(items), max_items)
+    count = len(chosen)
     if count == 0:
         raise ValueError("reconstruction_metrics got an empty data set")
     is_image = model.config.modality == "image"
@@ -105,7 +106,7 @@ def reconstruction_metrics(model: VQModel, dataset, classifier: nn.Module | None
         image_shape = tuple(items[0][0].shape)
         frechet = FrechetInceptionDistance(feature=ClassifierFeatures(classifier, image_shape))
         logits = ClassifierFeatures(classifier, image_shape, output="logits")
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, range(count)), batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(items, chosen), batch_size=batch_size)
     was_training = model.training
     model.eval()
     device = model.quantizer.embedding.weight.device

@@ -14,7 +14,14 @@ from tqdm.auto import tqdm
 
 from .arguments import TokenizerTrainingArguments, parse_arguments, save_arguments
 from .configuration import GAN_RECIPES, VQConfig
-from .data import DataError, ImageDataset, StepBatchSampler, load_split, text_dataset
+from .data import (
+    DataError,
+    ImageDataset,
+    StepBatchSampler,
+    evaluation_subset,
+    load_split,
+    text_dataset,
+)
 from .evaluation import reconstruction_metrics
 from .losses import TokenizerObjective
 from .modeling import VQModel
@@ -241,7 +248,7 @@ def main(args: TokenizerTrainingArguments) -> None:
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=args.num_workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0,
                                          generator=torch.Generator().manual_seed(args.seed))
-    fixed = torch.stack([eval_set[i][0] for i in range(min(8, len(eval_set)))]).to(accelerator.device)
+    fixed = torch.stack([eval_set[i][0] for i in evaluation_subset(len(eval_set), 8)]).to(accelerator.device)
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     log_every, checkpoint_every, sample_every = args.log_every, args.checkpoint_every, args.sample_every
     model.train()

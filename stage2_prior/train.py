@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from stage1_tokenizer.arguments import parse_arguments, save_arguments
-from stage1_tokenizer.data import DataError, StepBatchSampler
+from stage1_tokenizer.data import DataError, StepBatchSampler, evaluation_subset
 from stage1_tokenizer.loading import load_strict
 from stage1_tokenizer.modeling import VQModel
 from stage1_tokenizer.threads import rebalance_threads, set_torch_threads
@@ -144,9 +144,10 @@ def main(args: PriorTrainingArguments) -> None:
     conditional = bool(args.class_conditional)
     train_x, train_y, train_lengths = codes_tensor(train_codes)
     eval_x, eval_y, eval_lengths = codes_tensor(eval_codes)
-    if len(eval_x) > args.max_eval_items:
-        eval_x, eval_y = eval_x[: args.max_eval_items], eval_y[: args.max_eval_items]
-        eval_lengths = eval_lengths[: args.max_eval_items] if eval_lengths is not None else None
+    if len(eval_x) > args.max_eval_items:  # drawn across the split, not its first (maybe one-class) records
+        chosen = torch.tensor(evaluation_subset(len(eval_x), args.max_eval_items))
+        eval_x, eval_y = eval_x[chosen], eval_y[chosen]
+        eval_lengths = eval_lengths[chosen] if eval_lengths is not None else None
     layout = TokenLayout(tokenizer.config.codebook_size, len(class_names) if conditional else 0, train_x.shape[1])
 
     batch_size = args.batch_size

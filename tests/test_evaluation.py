@@ -17,7 +17,7 @@ from pipelines import image_metrics as IM
 from pipelines import text_metrics as T
 from stage1_tokenizer import VQConfig, VQModel
 from stage1_tokenizer.configuration import PAD_BYTE
-from stage1_tokenizer.data import Split
+from stage1_tokenizer.data import Split, evaluation_subset, load_split
 from stage1_tokenizer.evaluation import ClassifierFeatures, psnr, reconstruction_metrics
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -536,3 +536,20 @@ def test_the_sweep_floor_takes_other_images_with_exactly_the_reference_labels():
     picked = _same_labels(labels, [1, 2, 1])
     assert sorted(labels[picked].tolist()) == [1, 1, 2] and len(set(picked.tolist())) == 3
     assert _same_labels(labels, [0, 0, 0]) is None  # only two images of class 0
+
+
+def test_capped_evaluations_draw_across_a_split_stored_sorted_by_label():
+    """MNIST's splits are stored sorted by label, so their first 2,000 test images are all 0s and 1s. An evaluation
+    capped at N items (the real rows and the labels samples are requested with, reconstruction metrics, the prior's
+    validation) draws them across the split instead, the same draw every time."""
+    test = load_split("digits", "eval", "image")
+    records = sorted(test.records, key=lambda r: r["label"])
+    assert {r["label"] for r in records[:60]} == {0, 1}  # what the first 60 would have been
+    stored_sorted = Split(records, test.column, test.class_names, test.fingerprint + "-sorted", "digits")
+    images, labels = C.load_images(stored_sorted, "eval", 16, 1, max_items=60)
+    assert images.shape == (60, 1, 16, 16) and set(labels.tolist()) == set(range(10))
+    assert C.load_images(stored_sorted, "eval", 16, 1, max_items=60)[1].tolist() == labels.tolist()
+    assert C.load_images(stored_sorted, "eval", 16, 1)[1].tolist() == [r["label"] for r in records]  # uncapped: all
+    assert evaluation_subset(5, 10) == evaluation_subset(5, None) == [0, 1, 2, 3, 4]
+    draw = evaluation_subset(1000, 100)
+    assert len(set(draw)) == 100 and draw == sorted(draw) and min(draw) < 100 and max(draw) > 900
