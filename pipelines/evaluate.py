@@ -203,9 +203,10 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     first = next(iter(pipes.values()))
     train_split, eval_split = load_split(dataset, "train", "text"), load_split(dataset, "eval", "text")
     train_texts, train_labels = texts_and_labels(train_split, None)
-    # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows).
+    # Real rows: held-out sequences exactly as the tokenizer sees them (records if labelled, else windows), drawn
+    # across the split rather than its first records.
     held_out = text_dataset(eval_split, first.tokenizer.config.seq_len)
-    chosen = torch.tensor(evaluation_subset(len(held_out), num_samples))  # drawn across the split, not its first records
+    chosen = torch.tensor(evaluation_subset(len(held_out), num_samples))
     real_texts = bytes_to_strings(held_out.windows[chosen])
     real_labels = held_out.labels[chosen].tolist() if held_out.has_labels else None
     ngram = CharNgramModel(order=5).fit(train_texts)
