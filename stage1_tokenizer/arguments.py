@@ -71,6 +71,12 @@ class TokenizerTrainingArguments:
     batch_size: int | None = field(default=None, metadata=described("global batch size (default: the preset's)"))
     learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
     disc_learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=described(
+        "the autoencoder's learning rate: constant (taming's), or a cosine decay to 0 over --decay-steps after "
+        "--warmup-steps of linear warm-up; the discriminator's stays constant"))
+    warmup_steps: int = field(default=0, metadata=described("linear warm-up of the autoencoder's learning rate"))
+    decay_steps: int | None = field(default=None, metadata=described(
+        "length of the cosine decay (default: --max-steps); set it when a run will be extended with --resume"))
     grad_clip: float = field(default=1.0, metadata=described("the autoencoder's gradient-norm clip"))
     disc_grad_clip: float = field(default=0.0, metadata=described(
         "the discriminator's gradient-norm clip (0: none; see README, the VQGAN's discriminator)"))
@@ -114,6 +120,11 @@ class TokenizerTrainingArguments:
             raise ValueError(f"--disc-start must be >= 0, got {self.disc_start}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        check_positive(self, ("decay_steps",))
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r} is unknown; expected 'constant' or 'cosine'")
         if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
             raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -170,6 +171,21 @@ def averaged_autoencoder(ema, model: VQModel) -> VQModel:
     return ema.module
 
 
+def learning_rate_factor(step: int, schedule: str, warmup_steps: int, decay_steps: int) -> float:
+    """The autoencoder's learning rate for the update at `step` (0-based), as a fraction of the peak.
+
+    "constant": 1. "cosine": a linear warm-up over the first `warmup_steps` updates (the first one already at
+    1 / warmup_steps), then a half cosine from 1 down to 0 at `decay_steps`, and 0 after it. A function of the step
+    alone, so a resumed run continues the same schedule with nothing to checkpoint.
+    """
+    if schedule == "constant":
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def train_step(args, accelerator, model, objective, wrapped_disc, optimizers, batch, step, guard) -> dict | None:
     """One autoencoder update and, once the GAN is on, one discriminator update. None when skipped."""
     ae_opt, disc_opt = optimizers
@@ -260,6 +276,10 @@ def main(args: TokenizerTrainingArguments) -> None:
         images = next(data_iter)[0].to(accelerator.device, non_blocking=True)
         if args.hflip and config.modality == "image":
             images = hflip(images, step, args.seed)
+        learning_rate = args.learning_rate * learning_rate_factor(step, args.lr_schedule, args.warmup_steps,
+                                                                  args.decay_steps or args.max_steps)
+        for group in ae_opt.param_groups:
+            group["lr"] = learning_rate
         logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)
         if logs is not None:
             window.add(logs)
@@ -273,7 +293,7 @@ def main(args: TokenizerTrainingArguments) -> None:
             raise guard.stop(step, "lower the learning rate or check the data")
         if window and (step % log_every == 0 or step == args.max_steps):
             logs = reduce_logs(accelerator, window.mean())
-            row = logger.log(step, {**logs, "step_time": (time.time() - tick) / log_every,
+            row = logger.log(step, {**logs, "lr": learning_rate, "step_time": (time.time() - tick) / log_every,
                                     "nonfinite_skipped": guard.total, "threads": torch.get_num_threads()})
             progress.set_postfix(loss=f"{row['loss']:.4f}", usage=f"{row['codebook_usage']:.0f}%")
             tick = time.time()
