@@ -1,12 +1,14 @@
-"""Tokenizer weight EMA: the averaged weights against the trained weights of the same run, on held-out images.
+"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a weight EMA, on held-out images.
 
-Each --variants tokenizer trains once through `stage1_tokenizer.train --weight-ema DECAY`. The average does not
-change training, so the run's last checkpoint holds the trained weights and `model.safetensors` their average.
-Both are scored on held-out data (the data set's validation split, else the last --holdout train images, left out
-of training) with the project's feature classifier: PSNR, SSIM, FD-classifier and class accuracy of the
-reconstructions. Nothing here sees the test split that `vqgen compare` reports. Finished runs are reused.
+Each --variants tokenizer trains once per --lr-schedules entry through `stage1_tokenizer.train --lr-schedule S
+--weight-ema DECAY`. The average does not change training, so the run's last checkpoint holds the trained weights
+and `model.safetensors` their average. Both are scored on held-out data (the data set's validation split, else the
+last --holdout train images, left out of training) with the project's feature classifier: PSNR, SSIM,
+FD-classifier and class accuracy of the reconstructions. Nothing here sees the test split that `vqgen compare`
+reports. Finished runs are reused.
 
-    python benchmarks/tokenizer_ema.py --steps 2400 --disc-start 800 --weight-ema 0.999
+    python benchmarks/tokenizer_training.py --steps 2400 --disc-start 800 --weight-ema 0.999 \
+        --lr-schedules constant cosine
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from stage1_tokenizer import VQModel  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
 
-def train(args, variant: str) -> tuple[Path, float]:
-    folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}_ema{args.weight_ema:g}"
+def train(args, variant: str, schedule: str) -> tuple[Path, float]:
+    # Constant-rate runs keep the folder names they had before schedules were measured, so they are reused.
+    tag = "" if schedule == "constant" else f"_{schedule}" + (f"_warmup{args.warmup_steps}" if args.warmup_steps else "")
+    folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
     if (folder / "model.safetensors").is_file() and stamp.is_file():
         print(f"reusing {folder}")
@@ -38,6 +42,8 @@ def train(args, variant: str) -> tuple[Path, float]:
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--weight-ema", str(args.weight_ema), "--seed", str(args.seed),
                "--max-eval-items", "1000", "--output-dir", str(folder)]
+    if schedule != "constant":
+        command += ["--lr-schedule", schedule, "--warmup-steps", str(args.warmup_steps)]
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
@@ -58,22 +64,26 @@ def main(args: argparse.Namespace) -> None:
     args.data = held_out_dataset(args.dataset, args.holdout, Path(args.output_dir))
     rows = []
     for variant in args.variants:
-        folder, seconds = train(args, variant)
-        averaged = VQModel.from_pretrained(folder).eval()
-        classifier, _ = load_or_train_classifier(str(args.data), averaged.config.resolution,
-                                                 averaged.config.in_channels, seed=args.seed)
-        for label, model in (("trained", trained_weights(folder, args.steps)), (f"EMA {args.weight_ema:g}", averaged)):
-            metrics = reconstruction_metrics(model, str(args.data), classifier=classifier)
-            rows.append({"variant": variant, "weights": label, "minutes": seconds / 60, **metrics})
+        for schedule in args.lr_schedules:
+            folder, seconds = train(args, variant, schedule)
+            averaged = VQModel.from_pretrained(folder).eval()
+            classifier, _ = load_or_train_classifier(str(args.data), averaged.config.resolution,
+                                                     averaged.config.in_channels, seed=args.seed)
+            for label, model in (("trained", trained_weights(folder, args.steps)),
+                                 (f"EMA {args.weight_ema:g}", averaged)):
+                metrics = reconstruction_metrics(model, str(args.data), classifier=classifier)
+                rows.append({"variant": variant, "schedule": schedule, "weights": label, "minutes": seconds / 60,
+                             **metrics})
     table = print_table(
-        f"Tokenizer weight EMA ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
-        f"{args.disc_start}; reconstructions of held-out images, N = {rows[0]['num_items']})",
-        [("variant", "variant"), ("weights", "weights"), ("minutes", "training min"), ("psnr", "PSNR"),
+        f"Tokenizer training ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
+        f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules; reconstructions of held-out images, "
+        f"N = {rows[0]['num_items']})",
+        [("variant", "variant"), ("schedule", "learning rate"), ("weights", "weights"), ("minutes", "training min"), ("psnr", "PSNR"),
          ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
          ("codebook_usage", "codebook usage %")], rows,
         digits={"minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
                 "codebook_usage": 1})
-    write_json(args.output or RESULTS_DIR / "tokenizer_ema.json",
+    write_json(args.output or RESULTS_DIR / "tokenizer_training.json",
                {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
 
 
@@ -86,8 +96,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--disc-start", type=int, default=800)
     parser.add_argument("--weight-ema", type=float, default=0.999)
+    parser.add_argument("--lr-schedules", nargs="+", choices=("constant", "cosine"), default=["constant"],
+                        help="the autoencoder's learning-rate schedules, one run each (stage 1's --lr-schedule)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="stage 1's --warmup-steps for the schedules")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default="runs/tokenizer_ema")
+    parser.add_argument("--output-dir", default="runs/tokenizer_training")
     parser.add_argument("--output", type=Path)
     return parser.parse_args()
 
