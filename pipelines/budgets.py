@@ -45,6 +45,9 @@ class Budget:
     # Both tokenizers save (and are evaluated with) an EMA of their weights with this decay (stage 1's
     # --weight-ema); None: their trained weights.
     tokenizer_weight_ema: float | None = None
+    # The tokenizers' learning-rate schedule (stage 1's --lr-schedule): "constant" or "cosine" (decaying to 0 over
+    # the tokenizer's steps, also when the fit scales them).
+    tokenizer_lr_schedule: str = "constant"
     # Wall-clock target for all training (both tokenizers and both priors): on a slower machine the steps are
     # scaled down to fit it (pipelines/budget_fit.py). None or 0: the steps run as they are.
     train_minutes: float | None = None
@@ -58,6 +61,9 @@ class Budget:
         check_finite(self, ("train_minutes",), strict=False)
         if self.tokenizer_weight_ema is not None and not 0.0 < self.tokenizer_weight_ema < 1.0:
             raise ValueError(f"--tokenizer-weight-ema must be in (0, 1), got {self.tokenizer_weight_ema}")
+        if self.tokenizer_lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--tokenizer-lr-schedule {self.tokenizer_lr_schedule!r} is unknown; expected 'constant' "
+                             "or 'cosine'")
         if self.tokenizer_preset not in TOKENIZER_PRESETS:
             raise ValueError(f"tokenizer preset {self.tokenizer_preset!r} is unknown; expected one of "
                              f"{sorted(TOKENIZER_PRESETS)}")
@@ -137,6 +143,8 @@ class CompareArguments:
         "unlabelled text: cuts of the training text for the priors (stage 2's --window-offsets)"))
     tokenizer_weight_ema: float | None = field(default=None, metadata=described(
         "the tokenizers keep an EMA of their weights with this decay and use it (stage 1's --weight-ema)"))
+    tokenizer_lr_schedule: Literal["constant", "cosine"] | None = field(default=None, metadata=described(
+        "the tokenizers' learning-rate schedule (stage 1's --lr-schedule; default: the budget's)"))
     train_minutes: float | None = field(default=None, metadata=described(
         "wall-clock target for all training; slower machines get proportionally fewer steps of both stages "
         "(0: run the budget's steps whatever they take)"))
@@ -194,7 +202,7 @@ def tokenizer_arguments(budget: Budget, variant: str, dataset: str, modality: st
         max_steps=budget.tokenizer_steps, output_dir=str(output_dir), dataset=dataset, modality=modality,
         variant=variant, preset=budget.tokenizer_preset, batch_size=budget.tokenizer_batch,
         disc_start=budget.disc_start, perceptual_backend=perceptual, seed=seed, threads=threads,
-        weight_ema=budget.tokenizer_weight_ema)
+        weight_ema=budget.tokenizer_weight_ema, lr_schedule=budget.tokenizer_lr_schedule)
 
 
 def prior_arguments(budget: Budget, tokenizer_dir: Path, dataset: str, seed: int, class_conditional: bool,

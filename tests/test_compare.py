@@ -97,9 +97,10 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
     assert arguments.resolved_budget().prior_steps == 12  # the command line wins over the file
     assert arguments.resolved_budget().guidance_scale == 3.0
     assert isinstance(arguments.resolved_budget(), Budget)
-    stage1 = budgets.tokenizer_arguments(budget_for("quick", "image", {"tokenizer_weight_ema": 0.99}), "vqgan",
-                                         "digits", "image", 0, "none", tmp_path, None)
-    assert stage1.weight_ema == 0.99  # reaches the training run
+    stage1 = budgets.tokenizer_arguments(
+        budget_for("quick", "image", {"tokenizer_weight_ema": 0.99, "tokenizer_lr_schedule": "cosine"}), "vqgan",
+        "digits", "image", 0, "none", tmp_path, None)
+    assert (stage1.weight_ema, stage1.lr_schedule) == (0.99, "cosine")  # reach the training run
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -108,6 +109,7 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number > 0.0, got nan"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
     (["--tokenizer-weight-ema", "1.5"], "--tokenizer-weight-ema must be in (0, 1), got 1.5"),
+    (["--tokenizer-lr-schedule", "step"], "invalid choice: 'step'"),
     (["--budget", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_budget_overrides_are_refused_before_anything_runs(tmp_path, capsys, flags, message):
