@@ -76,12 +76,13 @@ BUDGETS: dict[str, Budget] = {
     "quick": Budget(tokenizer_preset="tiny", tokenizer_steps=500, tokenizer_batch=32, disc_start=150,
                     prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST (32x32 -> 8x8 codes) within 45 minutes on 2 CPU cores: the budget study's best measured point
-    # (held-out data: 6,000 prior steps beat 3,000), its steps scaled down to 38 training minutes on machines too
-    # slow for it (README: standard budget). Guidance 1.5: the best held-out FD-classifier after 3,000 prior steps
+    # (held-out data: 6,000 prior steps beat 3,000), its steps scaled down to 34 training minutes on machines too
+    # slow for it (README: standard budget): the evaluation takes 4-9 more minutes (AMX / AVX512-BF16 machines), and
+    # the whole compare must end within 45. Guidance 1.5: the best held-out FD-classifier after 3,000 prior steps
     # (three runs) and after 6,000 (scales 1.25, 1.5, 2.0).
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=2400, tokenizer_batch=32, disc_start=800,
                        prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
-                       guidance_scale=1.5, prior_compile=True, train_minutes=38),
+                       guidance_scale=1.5, prior_compile=True, train_minutes=34),
     # Sized for one GPU: the `base` presets and tens of thousands of steps (not run on CPU).
     "full": Budget(tokenizer_preset="base", tokenizer_steps=40000, tokenizer_batch=64, disc_start=10000,
                    prior_preset="base", prior_steps=40000, prior_batch=64, num_eval_samples=10000,
@@ -95,8 +96,8 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # tiny-shakespeare's validation split: 4.89 bits per code and samples at 1.14x the real 5-gram perplexity,
     # against 5.76 bits and 2.07x after 1,000 steps over one cut). Guidance 3: on SST-2's validation split it
     # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (README, Text).
-    # Fitted to the image budget's 38 training minutes: on a CPU with AVX512-BF16 but no AMX these steps would
-    # train for about 49 minutes (README, Text).
+    # Fitted to the image budget's training minutes (38 when measured): on a CPU with AVX512-BF16 but no AMX
+    # these steps would train for about 49 minutes (README, Text).
     "standard": dict(tokenizer_steps=3000, disc_start=1000, prior_steps=5000, prior_window_offsets=16,
                      guidance_scale=3.0),
 }}
