@@ -1,4 +1,4 @@
-"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a weight EMA, on held-out images.
+r"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a weight EMA, on held-out images.
 
 Each --variants tokenizer trains once per --lr-schedules entry through `stage1_tokenizer.train --lr-schedule S
 --weight-ema DECAY`. The average does not change training, so the run's last checkpoint holds the trained weights
@@ -27,12 +27,15 @@ from safetensors.torch import load_file  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
 from stage1_tokenizer import VQModel  # noqa: E402
+from stage1_tokenizer.arguments import LR_SCHEDULES  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
 
 def train(args, variant: str, schedule: str) -> tuple[Path, float]:
     # Constant-rate runs keep the folder names they had before schedules were measured, so they are reused.
-    tag = "" if schedule == "constant" else f"_{schedule}" + (f"_warmup{args.warmup_steps}" if args.warmup_steps else "")
+    tag = "" if schedule == "constant" else f"_{schedule}"
+    if tag and args.warmup_steps:
+        tag += f"_warmup{args.warmup_steps}"
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
     if (folder / "model.safetensors").is_file() and stamp.is_file():
@@ -78,8 +81,8 @@ def main(args: argparse.Namespace) -> None:
         f"Tokenizer training ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
         f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules; reconstructions of held-out images, "
         f"N = {rows[0]['num_items']})",
-        [("variant", "variant"), ("schedule", "learning rate"), ("weights", "weights"), ("minutes", "training min"), ("psnr", "PSNR"),
-         ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
+        [("variant", "variant"), ("schedule", "learning rate"), ("weights", "weights"), ("minutes", "training min"),
+         ("psnr", "PSNR"), ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
          ("codebook_usage", "codebook usage %")], rows,
         digits={"minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
                 "codebook_usage": 1})
@@ -96,7 +99,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--disc-start", type=int, default=800)
     parser.add_argument("--weight-ema", type=float, default=0.999)
-    parser.add_argument("--lr-schedules", nargs="+", choices=("constant", "cosine"), default=["constant"],
+    parser.add_argument("--lr-schedules", nargs="+", choices=LR_SCHEDULES, default=["constant"],
                         help="the autoencoder's learning-rate schedules, one run each (stage 1's --lr-schedule)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="stage 1's --warmup-steps for the schedules")
     parser.add_argument("--seed", type=int, default=0)

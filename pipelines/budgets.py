@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stage1_tokenizer.arguments import TokenizerTrainingArguments, check_finite, check_positive, described
+from stage1_tokenizer.arguments import (
+    LR_SCHEDULES,
+    TokenizerTrainingArguments,
+    check_finite,
+    check_positive,
+    described,
+)
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS
 from stage2_prior.arguments import PriorTrainingArguments
 from stage2_prior.modeling import PRIOR_PRESETS
@@ -61,9 +67,9 @@ class Budget:
         check_finite(self, ("train_minutes",), strict=False)
         if self.tokenizer_weight_ema is not None and not 0.0 < self.tokenizer_weight_ema < 1.0:
             raise ValueError(f"--tokenizer-weight-ema must be in (0, 1), got {self.tokenizer_weight_ema}")
-        if self.tokenizer_lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"--tokenizer-lr-schedule {self.tokenizer_lr_schedule!r} is unknown; expected 'constant' "
-                             "or 'cosine'")
+        if self.tokenizer_lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--tokenizer-lr-schedule {self.tokenizer_lr_schedule!r} is unknown; expected one of "
+                             f"{list(LR_SCHEDULES)}")
         if self.tokenizer_preset not in TOKENIZER_PRESETS:
             raise ValueError(f"tokenizer preset {self.tokenizer_preset!r} is unknown; expected one of "
                              f"{sorted(TOKENIZER_PRESETS)}")

@@ -53,6 +53,9 @@ def with_defaults(arguments, defaults: dict):
                                              if name in names and getattr(arguments, name) is None})
 
 
+# The autoencoder's learning-rate schedules (`--lr-schedule`; stage1_tokenizer.train.learning_rate_factor).
+LR_SCHEDULES = ("constant", "cosine")
+
 @dataclass
 class TokenizerTrainingArguments:
     """Stage 1: train a VQ-VAE or VQGAN tokenizer."""
@@ -123,8 +126,8 @@ class TokenizerTrainingArguments:
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         check_positive(self, ("decay_steps",))
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"--lr-schedule {self.lr_schedule!r} is unknown; expected 'constant' or 'cosine'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r} is unknown; expected one of {list(LR_SCHEDULES)}")
         if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
             raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
 
