@@ -101,6 +101,8 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
         budget_for("quick", "image", {"tokenizer_weight_ema": 0.99, "tokenizer_lr_schedule": "cosine"}), "vqgan",
         "digits", "image", 0, "none", tmp_path, None)
     assert (stage1.weight_ema, stage1.lr_schedule) == (0.99, "cosine")  # reach the training run
+    with pytest.raises(ValueError, match="--tokenizer-lr-schedule 'step' is unknown"):  # a budget file's value
+        budget_for("quick", "image", {"tokenizer_lr_schedule": "step"})
 
 
 @pytest.mark.parametrize("flags, message", [
