@@ -471,6 +471,18 @@ def test_texts_and_labels_of_labelled_and_unlabelled_splits():
     assert T.texts_and_labels(split) == (["good", ""], [1, 0])
 
 
+def test_texts_and_labels_caps_with_a_draw_across_a_split_stored_sorted_by_label():
+    import datasets
+
+    from stage1_tokenizer.data import evaluation_subset
+
+    rows = [{"text": f"t{i}", "label": int(i >= 50)} for i in range(100)]  # sorted: all 0s, then all 1s
+    for records in (rows, datasets.Dataset.from_list(rows)):
+        texts, labels = T.texts_and_labels(Split(records, "text", ["neg", "pos"], "f", "f"), max_items=10)
+        assert texts == [f"t{i}" for i in evaluation_subset(100, 10)] and len(texts) == 10
+        assert set(labels) == {0, 1}  # the first 10 would all be label 0
+
+
 @needs_shared_data
 def test_sentiment_classifier_on_sst2_beats_chance():
     from stage1_tokenizer.data import load_split
