@@ -53,6 +53,10 @@ ROWS: dict[str, dict] = {
     "vqgen default, median centring": {**GAN_RECIPES["vqgen"], "disc_centring": "median"},
     "vqgen default, balanced centring": {**GAN_RECIPES["vqgen"], "disc_centring": "balanced"},
     "weight 0.0075, balanced centring": {**GAN_RECIPES["vqgen"], "disc_weight": 0.0075, "disc_centring": "balanced"},
+    # The discriminator's objective: the logistic loss pulls patches it cannot tell apart to logit 0 (the hinge
+    # leaves them anywhere inside its margin, where the common offset puts them).
+    "vqgen default, vanilla D loss": {**GAN_RECIPES["vqgen"], "disc_objective": "vanilla"},
+    "vanilla D loss, no centring": {**GAN_RECIPES["vqgen"], "disc_objective": "vanilla", "disc_centring_weight": 0.0},
     "fixed weight 0.02": WEIGHT_002,
     # Around the previous default (weight 0.02): ways to strengthen the discriminator instead of weakening its term.
     "weight 0.02, no centring": {**WEIGHT_002, "disc_centring_weight": 0.0},

@@ -14,6 +14,7 @@ DISC_NORMS = ("batch", "group", "none")
 DISC_INITS = ("dcgan", "default")
 GAN_WEIGHTINGS = ("adaptive", "fixed")
 DISC_CENTRINGS = ("mean", "median", "balanced")
+DISC_OBJECTIVES = ("hinge", "vanilla")
 BYTE_VOCAB_SIZE = 257  # 256 UTF-8 byte values + one pad symbol
 PAD_BYTE = 256
 
@@ -67,10 +68,10 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 GAN_RECIPES: dict[str, dict[str, Any]] = {
     "taming": dict(disc_norm="batch", disc_init="dcgan", disc_spectral_norm=False, disc_blur=False,
                    disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
-                   lecam_weight=0.0, disc_centring_weight=0.0, disc_centring="mean"),
+                   lecam_weight=0.0, disc_centring_weight=0.0, disc_centring="mean", disc_objective="hinge"),
     "vqgen": dict(disc_norm="group", disc_init="default", disc_spectral_norm=False, disc_blur=False,
                   disc_train_start=0, gan_weighting="fixed", disc_weight=0.01, adaptive_weight_max=1e4,
-                  lecam_weight=0.0, disc_centring_weight=1.0, disc_centring="mean"),
+                  lecam_weight=0.0, disc_centring_weight=1.0, disc_centring="mean", disc_objective="hinge"),
 }
 
 
@@ -154,6 +155,7 @@ class VQConfig(PretrainedConfig):
         lecam_weight: float = GAN_RECIPES["vqgen"]["lecam_weight"],
         disc_centring_weight: float = GAN_RECIPES["vqgen"]["disc_centring_weight"],
         disc_centring: str = GAN_RECIPES["vqgen"]["disc_centring"],
+        disc_objective: str = GAN_RECIPES["vqgen"]["disc_objective"],
         feature_matching_weight: float = 0.0,
         class_names: list[str] | None = None,
         **kwargs,
@@ -198,6 +200,7 @@ class VQConfig(PretrainedConfig):
         self.lecam_weight = lecam_weight
         self.disc_centring_weight = disc_centring_weight
         self.disc_centring = disc_centring
+        self.disc_objective = disc_objective
         self.feature_matching_weight = feature_matching_weight
         self.class_names = class_names
         unknown = sorted(set(kwargs) - _base_config_keys())
@@ -228,6 +231,7 @@ class VQConfig(PretrainedConfig):
         _check_choice("disc_init", self.disc_init, DISC_INITS)
         _check_choice("gan_weighting", self.gan_weighting, GAN_WEIGHTINGS)
         _check_choice("disc_centring", self.disc_centring, DISC_CENTRINGS)
+        _check_choice("disc_objective", self.disc_objective, DISC_OBJECTIVES)
         for name in ("disc_spectral_norm", "disc_blur", "l2_normalize", "kmeans_init", "rotation_trick",
                      "attn_at_lowest"):
             if not isinstance(getattr(self, name), bool):

@@ -111,6 +111,13 @@ def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tenso
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
+def vanilla_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Logistic (binary cross-entropy) loss for the discriminator, taming's "vanilla":
+    mean(softplus(-D(x))) + mean(softplus(D(G(z)))), halved. Unlike the hinge it has no flat margin: a patch the
+    discriminator cannot tell apart is pulled to logit 0, and a confident one keeps being pushed."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
 def lecam_penalty(logits_real: torch.Tensor, logits_fake: torch.Tensor, logit_ema: torch.Tensor,
                   decay: float = 0.999) -> torch.Tensor:
     """LeCam regulariser (Tseng et al., CVPR 2021): pulls D(real) towards the EMA of D(fake) and vice versa.
@@ -292,12 +299,12 @@ class TokenizerObjective(nn.Module):
     def discriminator_loss(
         self, reconstruction: torch.Tensor, target: torch.Tensor, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict]:
-        """Hinge loss (+ centring, + LeCam) on detached reconstructions vs real inputs (through `discriminator`,
-        e.g. DDP-wrapped).
+        """The discriminator's loss (`disc_objective`: hinge or vanilla; + centring, + LeCam) on detached
+        reconstructions vs real inputs (through `discriminator`, e.g. DDP-wrapped).
 
-        The logs are the GAN's health: the hinge loss, the mean logits, the share of real and of fake patches
-        on the right side of 0 and the threshold-free separation AUC (a discriminator that separates nothing sits
-        at loss 1.0, accuracy ~50% and AUC 0.5).
+        The logs are the GAN's health: the hinge loss (whichever objective trains it, so runs compare), the mean
+        logits, the share of real and of fake patches on the right side of 0 and the threshold-free separation
+        AUC (a discriminator that separates nothing sits at hinge loss 1.0, accuracy ~50% and AUC 0.5).
         """
         discriminator = discriminator or self.discriminator
         logits_real = discriminator(target).float()
@@ -312,6 +319,9 @@ class TokenizerObjective(nn.Module):
             "disc_auc": separation_auc(logits_real, logits_fake),
         }
         loss = hinge
+        if self.config.disc_objective == "vanilla":
+            loss = vanilla_discriminator_loss(logits_real, logits_fake)
+            logs["disc_vanilla_loss"] = loss.detach()
         if self.config.disc_centring_weight > 0:
             loss = loss + self.config.disc_centring_weight * centring_penalty(
                 logits_real, logits_fake, self.config.disc_centring)

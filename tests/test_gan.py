@@ -9,12 +9,20 @@ import statistics
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 
 from pipelines.verdict import gan_health
 from stage1_tokenizer.configuration import GAN_RECIPES, VQConfig
 from stage1_tokenizer.discriminator import PatchDiscriminator
-from stage1_tokenizer.losses import TokenizerObjective, centring_penalty, lecam_penalty, separation_auc
+from stage1_tokenizer.losses import (
+    TokenizerObjective,
+    centring_penalty,
+    hinge_discriminator_loss,
+    lecam_penalty,
+    separation_auc,
+    vanilla_discriminator_loss,
+)
 from stage1_tokenizer.train import build_models, train_step
 from stage1_tokenizer.train_utils import NonFiniteGuard
 
@@ -155,6 +163,39 @@ def test_balanced_centring_puts_the_threshold_where_both_accuracies_are_equal():
     assert float((by_mean[1] < 0).float().mean()) == 0.5
 
 
+def test_vanilla_loss_is_the_logistic_loss_and_pulls_an_undecided_patch_to_zero():
+    real, fake = torch.tensor([0.5, 2.0, -1.0]), torch.tensor([-0.3, 0.4, -3.0])
+    expected = 0.5 * (F.binary_cross_entropy_with_logits(real, torch.ones(3))
+                      + F.binary_cross_entropy_with_logits(fake, torch.zeros(3)))
+    torch.testing.assert_close(vanilla_discriminator_loss(real, fake), expected)
+    # A patch the discriminator cannot tell apart (the same logit on both sides, inside the hinge's margin):
+    # the hinge gives it no gradient, so it sits wherever the offset leaves it; the logistic loss moves it to 0.
+    for offset in (-0.5, 0.5):
+        for loss_fn, pulled in ((hinge_discriminator_loss, False), (vanilla_discriminator_loss, True)):
+            logit = torch.tensor([offset], requires_grad=True)
+            loss_fn(logit, logit).backward()
+            # Gradient descent moves the logit by -grad: towards 0 when the grad has the offset's sign.
+            assert (float(logit.grad) * offset > 0) == pulled, (loss_fn.__name__, offset)
+            assert (float(logit.grad) == 0.0) == (not pulled)
+
+
+def test_vanilla_objective_trains_the_discriminator_and_logs_its_loss_beside_the_hinge():
+    config = VQConfig.from_preset("tiny", variant="vqgan", disc_objective="vanilla")
+    objective = TokenizerObjective(config)
+    real, fake = torch.rand(4, 1, 16, 16) * 2 - 1, torch.rand(4, 1, 16, 16) * 2 - 1
+    torch.manual_seed(0)
+    loss, logs = objective.discriminator_loss(fake, real)
+    logits_real = objective.discriminator(real).float()
+    logits_fake = objective.discriminator(fake).float()
+    penalty = config.disc_centring_weight * centring_penalty(logits_real, logits_fake)
+    torch.testing.assert_close(loss, vanilla_discriminator_loss(logits_real, logits_fake) + penalty)
+    torch.testing.assert_close(logs["disc_loss"], hinge_discriminator_loss(logits_real, logits_fake))
+    torch.testing.assert_close(logs["disc_vanilla_loss"], vanilla_discriminator_loss(logits_real, logits_fake))
+    hinge_config = VQConfig.from_preset("tiny", variant="vqgan")
+    assert hinge_config.disc_objective == "hinge"
+    assert "disc_vanilla_loss" not in TokenizerObjective(hinge_config).discriminator_loss(fake, real)[1]
+
+
 def test_separation_auc_ignores_the_threshold():
     real, fake = torch.tensor([0.2, 0.4, -0.1]), torch.tensor([-0.3, 0.0, -0.5])
     # 8 of the 9 (real, fake) pairs rank the real patch higher: -0.1 < 0.0 is the one inversion.
@@ -178,6 +219,7 @@ def test_fixed_weighting_uses_the_constant_and_logs_no_adaptive_weight():
 @pytest.mark.parametrize("field, value, message", [
     ("disc_norm", "layer", "disc_norm"), ("gan_weighting", "auto", "gan_weighting"),
     ("disc_centring", "trimmed", "disc_centring='trimmed' is not supported"),
+    ("disc_objective", "wasserstein", "disc_objective='wasserstein' is not supported"),
     ("disc_train_start", 5000, "disc_train_start"), ("lecam_weight", -1.0, "lecam_weight"),
     ("disc_spectral_norm", "false", "disc_spectral_norm"), ("l2_normalize", "false", "l2_normalize"),
 ])
