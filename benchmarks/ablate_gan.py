@@ -122,8 +122,9 @@ def main(args: argparse.Namespace) -> None:
                         f"batch {args.batch_size}; health over the last quarter of discriminator steps; "
                         f"reconstructions of {'held-out training data' if args.holdout else 'the test split'})", [
         ("row", "row"), ("disc_loss", "D hinge loss"), ("disc_acc_real", "D acc. real"),
-        ("disc_acc_fake", "D acc. fake"), ("gan_weight", "GAN weight"), *recon_columns], rows,
-        digits={"disc_loss": 3, "disc_acc_real": 2, "disc_acc_fake": 2, "gan_weight": 3, "psnr": 2,
+        ("disc_acc_fake", "D acc. fake"), ("disc_auc", "separation AUC"), ("gan_weight", "GAN weight"),
+        *recon_columns], rows,
+        digits={"disc_loss": 3, "disc_acc_real": 2, "disc_acc_fake": 2, "disc_auc": 2, "gan_weight": 3, "psnr": 2,
                 "fd_classifier": 2, "byte_accuracy": 4, "exact_match": 3, "minutes": 1})
     write_json(args.output or RESULTS_DIR / "ablate_gan.json", {
         "environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
