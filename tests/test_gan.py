@@ -179,10 +179,14 @@ def test_vanilla_loss_is_the_logistic_loss_and_pulls_an_undecided_patch_to_zero(
             assert (float(logit.grad) == 0.0) == (not pulled)
 
 
-def test_vanilla_objective_trains_the_discriminator_and_logs_its_loss_beside_the_hinge():
-    config = VQConfig.from_preset("tiny", variant="vqgan", disc_objective="vanilla")
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_vanilla_objective_trains_the_discriminator_and_logs_its_loss_beside_the_hinge(modality):
+    config = VQConfig.from_preset("tiny", variant="vqgan", modality=modality, disc_objective="vanilla")
     objective = TokenizerObjective(config)
-    real, fake = torch.rand(4, 1, 16, 16) * 2 - 1, torch.rand(4, 1, 16, 16) * 2 - 1
+    if modality == "image":
+        real, fake = torch.rand(4, 1, 16, 16) * 2 - 1, torch.rand(4, 1, 16, 16) * 2 - 1
+    else:  # byte ids against the decoder's byte logits (the discriminator embeds both)
+        real, fake = torch.randint(0, 257, (4, config.seq_len)), torch.randn(4, 257, config.seq_len)
     torch.manual_seed(0)
     loss, logs = objective.discriminator_loss(fake, real)
     logits_real = objective.discriminator(real).float()
@@ -191,8 +195,7 @@ def test_vanilla_objective_trains_the_discriminator_and_logs_its_loss_beside_the
     torch.testing.assert_close(loss, vanilla_discriminator_loss(logits_real, logits_fake) + penalty)
     torch.testing.assert_close(logs["disc_loss"], hinge_discriminator_loss(logits_real, logits_fake))
     torch.testing.assert_close(logs["disc_vanilla_loss"], vanilla_discriminator_loss(logits_real, logits_fake))
-    hinge_config = VQConfig.from_preset("tiny", variant="vqgan")
-    assert hinge_config.disc_objective == "hinge"
+    hinge_config = VQConfig.from_preset("tiny", variant="vqgan", modality=modality, disc_objective="hinge")
     assert "disc_vanilla_loss" not in TokenizerObjective(hinge_config).discriminator_loss(fake, real)[1]
 
 
