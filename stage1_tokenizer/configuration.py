@@ -70,8 +70,8 @@ GAN_RECIPES: dict[str, dict[str, Any]] = {
                    disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
                    lecam_weight=0.0, disc_centring_weight=0.0, disc_centring="mean", disc_objective="hinge"),
     "vqgen": dict(disc_norm="group", disc_init="default", disc_spectral_norm=False, disc_blur=False,
-                  disc_train_start=0, gan_weighting="fixed", disc_weight=0.01, adaptive_weight_max=1e4,
-                  lecam_weight=0.0, disc_centring_weight=1.0, disc_centring="mean", disc_objective="hinge"),
+                  disc_train_start=0, gan_weighting="fixed", disc_weight=0.0075, adaptive_weight_max=1e4,
+                  lecam_weight=0.0, disc_centring_weight=1.0, disc_centring="mean", disc_objective="vanilla"),
 }
 
 

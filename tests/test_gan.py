@@ -71,11 +71,16 @@ def test_default_recipe_discriminator_learns_where_tamings_stays_at_chance():
     assert "disc_loss" in default[0]  # trained from step 0 (disc_train_start=0), before its loss reaches the AE
     assert "gan_loss" not in default[DISC_START - 1] and "gan_loss" in default[DISC_START]
     assert "disc_loss" not in taming[DISC_START - 1]  # taming trains D only from disc_start
-    assert mean_of(default, "disc_loss", slice(0, DISC_START)) < 0.8
+    # Before its loss reaches the autoencoder the default discriminator separates clearly (measured: hinge 0.86,
+    # AUC 0.84; the logistic loss grows its logits more slowly than the hinge did, so the hinge reads higher).
+    assert mean_of(default, "disc_loss", slice(0, DISC_START)) < 0.9
+    assert mean_of(default, "disc_auc", slice(0, DISC_START)) > 0.75
     gan_phase = slice(DISC_START, None)
     assert mean_of(taming, "disc_loss", gan_phase) > 0.95
-    assert mean_of(default, "disc_loss", gan_phase) < mean_of(taming, "disc_loss", gan_phase) - 0.05
-    assert mean_of(default, "disc_acc_fake", gan_phase) >= 0.6
+    assert mean_of(taming, "disc_auc", gan_phase) < 0.55  # chance
+    # Once the autoencoder pushes back, the default stays ahead where taming's does not (measured: AUC 0.64 vs 0.49).
+    assert mean_of(default, "disc_auc", gan_phase) > mean_of(taming, "disc_auc", gan_phase) + 0.1
+    assert mean_of(default, "disc_loss", gan_phase) < mean_of(taming, "disc_loss", gan_phase) - 0.03
     assert default[-1]["gan_weight"] == pytest.approx(GAN_RECIPES["vqgen"]["disc_weight"])
     health = gan_health(taming)
     assert not health["separated"] and health["disc_loss"] > 0.9 and "adaptive_weight" in health
