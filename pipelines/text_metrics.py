@@ -192,16 +192,14 @@ def texts_and_labels(split: Split, max_items: int | None = None) -> tuple[list[s
     """The texts of a text split and their integer labels (None for unlabelled data); at most `max_items`, drawn
     by `evaluation_subset` (a fixed random draw, in order: never the first N of a split stored sorted)."""
     indices = evaluation_subset(len(split.records), max_items)
-    records = split.records
-    if isinstance(records, list):  # built-ins: a list of dicts
-        records = [records[i] for i in indices]
+    if isinstance(split.records, list):  # built-ins: a list of dicts
+        records = [split.records[i] for i in indices]
         texts = [r[split.column] for r in records]
         labels = [int(r["label"]) for r in records] if split.class_names is not None else None
-    else:  # a datasets.Dataset: its rows' columns
-        records = records.select(indices) if len(indices) < len(records) else records
-        records = records[:]
-        texts = list(records[split.column])
-        labels = [int(v) for v in records["label"]] if split.class_names is not None else None
+    else:  # a datasets.Dataset: indexing with a list of rows gives a dict of columns
+        columns = split.records[indices]
+        texts = list(columns[split.column])
+        labels = [int(v) for v in columns["label"]] if split.class_names is not None else None
     return [t if t is not None else "" for t in texts], labels
 
 
