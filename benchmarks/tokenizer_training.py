@@ -1,19 +1,23 @@
 r"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a weight EMA, on held-out images.
 
-Each --variants tokenizer trains once per --lr-schedules entry through `stage1_tokenizer.train --lr-schedule S
---weight-ema DECAY`. The average does not change training, so the run's last checkpoint holds the trained weights
-and `model.safetensors` their average. Both are scored on held-out data (the data set's validation split, else the
+Each --variants tokenizer trains once per --lr-schedules entry and --learning-rates value (default: the preset's)
+through `stage1_tokenizer.train --lr-schedule S --learning-rate LR --weight-ema DECAY`, at --batch-size. The
+average does not change training, so the run's last checkpoint holds the trained weights and `model.safetensors`
+their average. Both are scored on held-out data (the data set's validation split, else the
 last --holdout train images, left out of training) with the project's feature classifier: PSNR, SSIM,
 FD-classifier and class accuracy of the reconstructions. Nothing here sees the test split that `vqgen compare`
 reports. Finished runs are reused.
 
     python benchmarks/tokenizer_training.py --steps 2400 --disc-start 800 --weight-ema 0.999 \
         --lr-schedules constant cosine
+    python benchmarks/tokenizer_training.py --variants vqvae --steps 1200 --disc-start 400 \
+        --learning-rates 4e-4 8e-4 1.6e-3
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -28,14 +32,20 @@ from safetensors.torch import load_file  # noqa: E402
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
 from stage1_tokenizer import VQModel  # noqa: E402
 from stage1_tokenizer.arguments import LR_SCHEDULES  # noqa: E402
+from stage1_tokenizer.configuration import TOKENIZER_PRESETS  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
 
-def train(args, variant: str, schedule: str) -> tuple[Path, float]:
-    # Constant-rate runs keep the folder names they had before schedules were measured, so they are reused.
+def train(args, variant: str, schedule: str, learning_rate: float | None) -> tuple[Path, float]:
+    # Constant-rate runs at the preset's rate and batch 32 keep the folder names they had before schedules,
+    # rates and batches were measured, so they are reused.
     tag = "" if schedule == "constant" else f"_{schedule}"
     if tag and args.warmup_steps:
         tag += f"_warmup{args.warmup_steps}"
+    if learning_rate is not None:
+        tag += f"_lr{learning_rate:g}"
+    if args.batch_size != 32:
+        tag += f"_batch{args.batch_size}"
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
     if (folder / "model.safetensors").is_file() and stamp.is_file():
@@ -47,6 +57,8 @@ def train(args, variant: str, schedule: str) -> tuple[Path, float]:
                "--max-eval-items", "1000", "--output-dir", str(folder)]
     if schedule != "constant":
         command += ["--lr-schedule", schedule, "--warmup-steps", str(args.warmup_steps)]
+    if learning_rate is not None:
+        command += ["--learning-rate", str(learning_rate)]
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
@@ -64,27 +76,28 @@ def trained_weights(folder: Path, steps: int) -> VQModel:
 
 def main(args: argparse.Namespace) -> None:
     env = environment(torch.device("cpu"))
+    preset_rate = TOKENIZER_PRESETS["small"]["train"]["learning_rate"]
     args.data = held_out_dataset(args.dataset, args.holdout, Path(args.output_dir))
     rows = []
     for variant in args.variants:
-        for schedule in args.lr_schedules:
-            folder, seconds = train(args, variant, schedule)
+        for schedule, learning_rate in itertools.product(args.lr_schedules, args.learning_rates or [None]):
+            folder, seconds = train(args, variant, schedule, learning_rate)
             averaged = VQModel.from_pretrained(folder).eval()
             classifier, _ = load_or_train_classifier(str(args.data), averaged.config.resolution,
                                                      averaged.config.in_channels, seed=args.seed)
             for label, model in (("trained", trained_weights(folder, args.steps)),
                                  (f"EMA {args.weight_ema:g}", averaged)):
                 metrics = reconstruction_metrics(model, str(args.data), classifier=classifier)
-                rows.append({"variant": variant, "schedule": schedule, "weights": label, "minutes": seconds / 60,
-                             **metrics})
+                rows.append({"variant": variant, "schedule": schedule, "learning_rate": learning_rate or preset_rate,
+                             "weights": label, "minutes": seconds / 60, **metrics})
     table = print_table(
         f"Tokenizer training ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
         f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules; reconstructions of held-out images, "
         f"N = {rows[0]['num_items']})",
-        [("variant", "variant"), ("schedule", "learning rate"), ("weights", "weights"), ("minutes", "training min"),
+        [("variant", "variant"), ("schedule", "schedule"), ("learning_rate", "learning rate"), ("weights", "weights"), ("minutes", "training min"),
          ("psnr", "PSNR"), ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
          ("codebook_usage", "codebook usage %")], rows,
-        digits={"minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
+        digits={"learning_rate": 5, "minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
                 "codebook_usage": 1})
     write_json(args.output or RESULTS_DIR / "tokenizer_training.json",
                {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
@@ -101,6 +114,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-ema", type=float, default=0.999)
     parser.add_argument("--lr-schedules", nargs="+", choices=LR_SCHEDULES, default=["constant"],
                         help="the autoencoder's learning-rate schedules, one run each (stage 1's --lr-schedule)")
+    parser.add_argument("--learning-rates", type=float, nargs="+",
+                        help="autoencoder learning rates, one run each (default: the preset's)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="stage 1's --warmup-steps for the schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/tokenizer_training")
