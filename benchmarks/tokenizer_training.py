@@ -1,17 +1,19 @@
 r"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a weight EMA, on held-out images.
 
-Each --variants tokenizer trains once per --lr-schedules entry and --learning-rates value (default: the preset's)
-through `stage1_tokenizer.train --lr-schedule S --learning-rate LR --weight-ema DECAY`, at --batch-size. The
-average does not change training, so the run's last checkpoint holds the trained weights and `model.safetensors`
-their average. Both are scored on held-out data (the data set's validation split, else the
-last --holdout train images, left out of training) with the project's feature classifier: PSNR, SSIM,
-FD-classifier and class accuracy of the reconstructions. Nothing here sees the test split that `vqgen compare`
-reports. Finished runs are reused.
+Each --variants tokenizer trains once per --lr-schedules entry, --learning-rates value (default: the preset's)
+and --configs entry (VQConfig changes; default none) through `stage1_tokenizer.train --lr-schedule S --learning-rate
+LR --config JSON --weight-ema DECAY`, at --batch-size. The average does not change training, so the run's last
+checkpoint holds the trained weights and `model.safetensors` their average. Both are scored on held-out data (the
+data set's validation split, else the last --holdout train images, left out of training) with the project's
+feature classifier: PSNR, SSIM, FD-classifier and class accuracy of the reconstructions. Nothing here sees the test
+split that `vqgen compare` reports. Finished runs are reused.
 
     python benchmarks/tokenizer_training.py --steps 2400 --disc-start 800 --weight-ema 0.999 \
         --lr-schedules constant cosine
     python benchmarks/tokenizer_training.py --variants vqvae --steps 1200 --disc-start 400 \
         --learning-rates 4e-4 8e-4 1.6e-3
+    python benchmarks/tokenizer_training.py --variants vqvae --steps 1200 --disc-start 400 \
+        --configs '{}' '{"rotation_trick": true}' '{"ema_decay": 0.99}'
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from stage1_tokenizer.configuration import TOKENIZER_PRESETS  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
 
-def train(args, variant: str, schedule: str, learning_rate: float | None) -> tuple[Path, float]:
+def config_tag(fields: dict) -> str:
+    """A folder-name part for VQConfig changes: {"ema_decay": 0.99} -> "_ema_decay0.99" ("" for none)."""
+    return "".join(f"_{key}{str(value).lower()}" for key, value in sorted(fields.items()))
+
+
+def train(args, variant: str, schedule: str, learning_rate: float | None, fields: dict) -> tuple[Path, float]:
     # Constant-rate runs at the preset's rate and batch 32 keep the folder names they had before schedules,
     # rates and batches were measured, so they are reused.
     tag = "" if schedule == "constant" else f"_{schedule}"
@@ -46,6 +53,7 @@ def train(args, variant: str, schedule: str, learning_rate: float | None) -> tup
         tag += f"_lr{learning_rate:g}"
     if args.batch_size != 32:
         tag += f"_batch{args.batch_size}"
+    tag += config_tag(fields)
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
     if (folder / "model.safetensors").is_file() and stamp.is_file():
@@ -59,6 +67,8 @@ def train(args, variant: str, schedule: str, learning_rate: float | None) -> tup
         command += ["--lr-schedule", schedule, "--warmup-steps", str(args.warmup_steps)]
     if learning_rate is not None:
         command += ["--learning-rate", str(learning_rate)]
+    if fields:
+        command += ["--config", json.dumps(fields)]
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
@@ -80,8 +90,9 @@ def main(args: argparse.Namespace) -> None:
     args.data = held_out_dataset(args.dataset, args.holdout, Path(args.output_dir))
     rows = []
     for variant in args.variants:
-        for schedule, learning_rate in itertools.product(args.lr_schedules, args.learning_rates or [None]):
-            folder, seconds = train(args, variant, schedule, learning_rate)
+        for schedule, learning_rate, fields in itertools.product(args.lr_schedules, args.learning_rates or [None],
+                                                                 args.configs):
+            folder, seconds = train(args, variant, schedule, learning_rate, fields)
             averaged = VQModel.from_pretrained(folder).eval()
             classifier, _ = load_or_train_classifier(str(args.data), averaged.config.resolution,
                                                      averaged.config.in_channels, seed=args.seed)
@@ -89,18 +100,27 @@ def main(args: argparse.Namespace) -> None:
                                  (f"EMA {args.weight_ema:g}", averaged)):
                 metrics = reconstruction_metrics(model, str(args.data), classifier=classifier)
                 rows.append({"variant": variant, "schedule": schedule, "learning_rate": learning_rate or preset_rate,
+                             "config": json.dumps(fields) if fields else "preset",
                              "weights": label, "minutes": seconds / 60, **metrics})
     table = print_table(
         f"Tokenizer training ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
         f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules; reconstructions of held-out images, "
         f"N = {rows[0]['num_items']})",
-        [("variant", "variant"), ("schedule", "schedule"), ("learning_rate", "learning rate"), ("weights", "weights"), ("minutes", "training min"),
+        [("variant", "variant"), ("schedule", "schedule"), ("learning_rate", "learning rate"),
+         ("config", "VQConfig changes"), ("weights", "weights"), ("minutes", "training min"),
          ("psnr", "PSNR"), ("ssim", "SSIM"), ("fd_classifier", "FD-classifier"), ("classifier_accuracy", "class acc."),
          ("codebook_usage", "codebook usage %")], rows,
         digits={"learning_rate": 5, "minutes": 1, "psnr": 2, "ssim": 3, "fd_classifier": 3, "classifier_accuracy": 3,
                 "codebook_usage": 1})
     write_json(args.output or RESULTS_DIR / "tokenizer_training.json",
                {"environment": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table})
+
+
+def json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,6 +136,9 @@ def parse_args() -> argparse.Namespace:
                         help="the autoencoder's learning-rate schedules, one run each (stage 1's --lr-schedule)")
     parser.add_argument("--learning-rates", type=float, nargs="+",
                         help="autoencoder learning rates, one run each (default: the preset's)")
+    parser.add_argument("--configs", type=json_object, nargs="+", default=[{}],
+                        help="VQConfig changes over the preset, one run each, as JSON objects "
+                             "(e.g. '{}' '{\"rotation_trick\": true}' '{\"ema_decay\": 0.99}')")
     parser.add_argument("--warmup-steps", type=int, default=0, help="stage 1's --warmup-steps for the schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/tokenizer_training")
