@@ -65,7 +65,9 @@ def train_variant(variant: str, budget: Budget, arguments: CompareArguments, dat
     tokenizer_dir, prior_dir = root / "tokenizers" / variant, root / "pipelines" / variant
     stage1 = tokenizer_arguments(budget, variant, dataset, arguments.modality, seed, arguments.perceptual,
                                  tokenizer_dir, arguments.threads)
-    settings = dataclasses.asdict(stage1)
+    # Runs are matched on their arguments after the presets' defaults are filled in, so a run trained under an older
+    # default (a preset's learning rate, say) is retrained rather than reused.
+    settings = dataclasses.asdict(stage1.resolved())
     if arguments.force or not _reusable(tokenizer_dir, settings, "model.safetensors"):
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         (tokenizer_dir / RUN_SETTINGS).unlink(missing_ok=True)
@@ -77,7 +79,7 @@ def train_variant(variant: str, budget: Budget, arguments: CompareArguments, dat
         print(f"reusing the {variant} tokenizer in {tokenizer_dir} (pass --force to retrain)")
 
     stage2 = prior_arguments(budget, tokenizer_dir, dataset, seed, class_conditional, prior_dir, arguments.threads)
-    prior_settings = dict(dataclasses.asdict(stage2),
+    prior_settings = dict(dataclasses.asdict(stage2.resolved()),
                           tokenizer_weights_mtime=(tokenizer_dir / "model.safetensors").stat().st_mtime)
     if arguments.force or "tokenizer_seconds" in timings or not _reusable(prior_dir, prior_settings,
                                                                            "pipeline_config.json"):

@@ -4,6 +4,7 @@ metric the design names for both variants and the real-data row, loadable pipeli
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,31 @@ def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_bu
     html = (out / "report.html").read_text()
     assert "Class: positive" in html and "the cast is wonderful" in html
     assert "| VQ-VAE | VQGAN |" in (out / "report.md").read_text()
+
+
+def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monkeypatch):
+    """Reuse compares the arguments with the presets' defaults filled in: a changed default learning rate retrains."""
+    from pipelines import compare
+    from stage1_tokenizer.configuration import TOKENIZER_PRESETS
+
+    trained = []
+
+    def fake_run(module, arguments, log_path):  # what a finished run leaves behind, without training
+        trained.append(module)
+        done = "model.safetensors" if module == "stage1_tokenizer.train" else "pipeline_config.json"
+        (Path(arguments.output_dir) / done).write_text("{}")
+
+    monkeypatch.setattr(compare, "_run", fake_run)
+    budget = budget_for("quick", "image")
+    arguments = CompareArguments(perceptual="none")
+
+    def train():
+        trained.clear()
+        compare.train_variant("vqvae", budget, arguments, "digits", True, 0, tmp_path)
+        return list(trained)
+
+    assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]
+    assert train() == []  # same settings: both reused
+    preset = TOKENIZER_PRESETS[budget.tokenizer_preset]
+    monkeypatch.setitem(preset, "train", {**preset["train"], "learning_rate": 3 * preset["train"]["learning_rate"]})
+    assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]  # the default moved: retrained
