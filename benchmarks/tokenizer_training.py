@@ -2,11 +2,11 @@ r"""How a tokenizer is trained: the autoencoder's learning-rate schedule and a w
 
 Each --variants tokenizer trains once per --lr-schedules entry, --learning-rates value (default: the preset's)
 and --configs entry (VQConfig changes; default none) through `stage1_tokenizer.train --lr-schedule S --learning-rate
-LR --config JSON --weight-ema DECAY`, at --batch-size. The average does not change training, so the run's last
-checkpoint holds the trained weights and `model.safetensors` their average. Both are scored on held-out data (the
-data set's validation split, else the last --holdout train images, left out of training) with the project's
-feature classifier: PSNR, SSIM, FD-classifier and class accuracy of the reconstructions. Nothing here sees the test
-split that `vqgen compare` reports. Finished runs are reused.
+LR --config JSON --weight-ema DECAY`, at --batch-size (and --adam-betas). The average does not change training, so
+the run's last checkpoint holds the trained weights and `model.safetensors` their average. Both are scored on
+held-out data (the data set's validation split, else the last --holdout train images, left out of training) with the
+project's feature classifier: PSNR, SSIM, FD-classifier and class accuracy of the reconstructions. Nothing here sees
+the test split that `vqgen compare` reports. Finished runs are reused.
 
     python benchmarks/tokenizer_training.py --steps 2400 --disc-start 800 --weight-ema 0.999 \
         --lr-schedules constant cosine
@@ -14,6 +14,7 @@ split that `vqgen compare` reports. Finished runs are reused.
         --learning-rates 4e-4 8e-4 1.6e-3
     python benchmarks/tokenizer_training.py --variants vqvae --steps 1200 --disc-start 400 \
         --configs '{}' '{"rotation_trick": true}' '{"ema_decay": 0.99}'
+    python benchmarks/tokenizer_training.py --variants vqvae --steps 1200 --disc-start 400 --adam-betas 0.9 0.95
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
     if args.batch_size != 32:
         tag += f"_batch{args.batch_size}"
     tag += config_tag(fields)
+    if args.adam_betas:
+        tag += "_betas{:g}-{:g}".format(*args.adam_betas)
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
     if (folder / "model.safetensors").is_file() and stamp.is_file():
@@ -69,6 +72,8 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
         command += ["--learning-rate", str(learning_rate)]
     if fields:
         command += ["--config", json.dumps(fields)]
+    if args.adam_betas:
+        command += ["--adam-beta1", str(args.adam_betas[0]), "--adam-beta2", str(args.adam_betas[1])]
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
@@ -104,7 +109,8 @@ def main(args: argparse.Namespace) -> None:
                              "weights": label, "minutes": seconds / 60, **metrics})
     table = print_table(
         f"Tokenizer training ({args.dataset}, {args.steps} steps at batch {args.batch_size}, GAN from step "
-        f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules; reconstructions of held-out images, "
+        f"{args.disc_start}, warm-up {args.warmup_steps} steps for the schedules, Adam betas "
+        f"{tuple(args.adam_betas) if args.adam_betas else 'stage 1 default'}; reconstructions of held-out images, "
         f"N = {rows[0]['num_items']})",
         [("variant", "variant"), ("schedule", "schedule"), ("learning_rate", "learning rate"),
          ("config", "VQConfig changes"), ("weights", "weights"), ("minutes", "training min"),
@@ -139,6 +145,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--configs", type=json_object, nargs="+", default=[{}],
                         help="VQConfig changes over the preset, one run each, as JSON objects "
                              "(e.g. '{}' '{\"rotation_trick\": true}' '{\"ema_decay\": 0.99}')")
+    parser.add_argument("--adam-betas", type=float, nargs=2, metavar=("BETA1", "BETA2"),
+                        help="the autoencoder's Adam betas (default: stage 1's, taming's 0.5 0.9)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="stage 1's --warmup-steps for the schedules")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/tokenizer_training")

@@ -74,6 +74,8 @@ class TokenizerTrainingArguments:
     batch_size: int | None = field(default=None, metadata=described("global batch size (default: the preset's)"))
     learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
     disc_learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
+    adam_beta1: float = field(default=0.5, metadata=described("the autoencoder's Adam beta1 (taming's 0.5)"))
+    adam_beta2: float = field(default=0.9, metadata=described("the autoencoder's Adam beta2 (taming's 0.9)"))
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=described(
         "the autoencoder's learning rate: constant (taming's), or a cosine decay to 0 over --decay-steps after "
         "--warmup-steps of linear warm-up; the discriminator's stays constant"))
@@ -130,6 +132,10 @@ class TokenizerTrainingArguments:
             raise ValueError(f"--lr-schedule {self.lr_schedule!r} is unknown; expected one of {list(LR_SCHEDULES)}")
         if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:
             raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:  # (also false for nan)
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
 
     def resolved(self) -> "TokenizerTrainingArguments":
         """A copy with the preset's training defaults in place of None (batch size, learning rates, intervals)."""

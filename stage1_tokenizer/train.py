@@ -135,14 +135,15 @@ def compile_autoencoder(model: VQModel) -> None:
 
 
 def build_models(accelerator, config: VQConfig, learning_rate: float, disc_learning_rate: float,
-                 compile_model: bool = False):
-    """Autoencoder, objective and Adam optimizers, prepared: (model, objective, wrapped_disc, (ae_opt, disc_opt))."""
+                 compile_model: bool = False, betas: tuple[float, float] = (0.5, 0.9)):
+    """Autoencoder, objective and Adam optimizers, prepared: (model, objective, wrapped_disc, (ae_opt, disc_opt)).
+    `betas` are the autoencoder's Adam betas; the discriminator keeps taming's (0.5, 0.9)."""
     model = VQModel(config)
     if compile_model:
         compile_autoencoder(model)
     objective = TokenizerObjective(config).to(accelerator.device)
     release_freed_memory()
-    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.5, 0.9))
+    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=betas)
     disc = objective.discriminator
     if disc is None:
         model, ae_opt = accelerator.prepare(model, ae_opt)
@@ -233,7 +234,8 @@ def main(args: TokenizerTrainingArguments) -> None:
     if any(skipped.values()):
         accelerator.print(f"warning: --skip-corrupt skipped undecodable records: {skipped}")
     model, objective, wrapped_disc, (ae_opt, disc_opt) = build_models(
-        accelerator, config, args.learning_rate, args.disc_learning_rate, args.compile)
+        accelerator, config, args.learning_rate, args.disc_learning_rate, args.compile,
+        (args.adam_beta1, args.adam_beta2))
     unwrapped = accelerator.unwrap_model(model)
     ema = autoencoder_ema(unwrapped, args.weight_ema) if args.weight_ema else None
     if ema is not None:

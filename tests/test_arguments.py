@@ -40,6 +40,8 @@ def test_resolved_fills_only_unset_fields_from_the_preset(tmp_path):
     (["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--disc-start", "-1"], "--disc-start must be >= 0, got -1"),
+    (["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1), got 1.0"),
+    (["--adam-beta2", "nan"], "--adam-beta2 must be in [0, 1), got nan"),
 ])
 def test_bad_values_exit_2_with_the_field_named(tmp_path, capsys, flags, message):
     argv = ["--max-steps", "3", "--output-dir", str(tmp_path), *flags]

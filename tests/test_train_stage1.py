@@ -232,6 +232,16 @@ def test_the_schedules_learning_rate_is_the_one_the_optimizer_uses(train, tmp_pa
         assert_same_weights(warm / "model.safetensors", full / "model.safetensors")
 
 
+def test_adam_betas_reach_the_autoencoders_optimizer(train, tmp_path):
+    argv = ["--dataset", "digits", "--variant", "vqvae", "--cpu", "--mixed-precision", "no"]
+    default = train(tmp_path / "default", *argv)
+    spelled_out = train(tmp_path / "spelled_out", *argv, "--adam-beta1", 0.5, "--adam-beta2", 0.9)
+    changed = train(tmp_path / "changed", *argv, "--adam-beta1", 0.9, "--adam-beta2", 0.95)
+    assert_same_weights(default / "model.safetensors", spelled_out / "model.safetensors")
+    with pytest.raises(AssertionError):  # Adam's second step depends on the betas (its first does not)
+        assert_same_weights(default / "model.safetensors", changed / "model.safetensors")
+
+
 def test_weight_ema_is_the_average_of_each_steps_weights_and_leaves_training_alone(train, tmp_path):
     argv = ["--dataset", "digits", "--variant", "vqgan", "--disc-start", 2, "--mixed-precision", "no", "--cpu",
             "--checkpoint-every", 1, "--keep-checkpoints", 10, "--max-eval-items", 64]
