@@ -74,8 +74,10 @@ class TokenizerTrainingArguments:
     batch_size: int | None = field(default=None, metadata=described("global batch size (default: the preset's)"))
     learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
     disc_learning_rate: float | None = field(default=None, metadata=described("default: the preset's"))
-    adam_beta1: float = field(default=0.5, metadata=described("the autoencoder's Adam beta1 (taming's 0.5)"))
-    adam_beta2: float = field(default=0.9, metadata=described("the autoencoder's Adam beta2 (taming's 0.9)"))
+    adam_beta1: float | None = field(default=None, metadata=described(
+        "the autoencoder's Adam beta1 (default: the preset's: taming's 0.5, except 0.9 for the small image VQ-VAE)"))
+    adam_beta2: float | None = field(default=None, metadata=described(
+        "the autoencoder's Adam beta2 (default: the preset's: taming's 0.9, except 0.95 for the small image VQ-VAE)"))
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=described(
         "the autoencoder's learning rate: constant (taming's), or a cosine decay to 0 over --decay-steps after "
         "--warmup-steps of linear warm-up; the discriminator's stays constant"))
@@ -134,12 +136,14 @@ class TokenizerTrainingArguments:
             raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
         for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
-            if not 0.0 <= value < 1.0:  # (also false for nan)
+            if value is not None and not 0.0 <= value < 1.0:  # (also false for nan)
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
 
     def resolved(self) -> "TokenizerTrainingArguments":
         """A copy with the preset's training defaults in place of None (batch size, learning rates, intervals)."""
-        return with_defaults(self, TOKENIZER_PRESETS[self.preset]["train"])
+        preset = TOKENIZER_PRESETS[self.preset]
+        image_changes = preset.get("image_train", {}).get(self.variant, {}) if self.modality == "image" else {}
+        return with_defaults(self, {**preset["train"], **image_changes})
 
 
 def parse_arguments(cls, argv: list[str] | None = None, description: str | None = None, prog: str | None = None):

@@ -33,6 +33,21 @@ def test_resolved_fills_only_unset_fields_from_the_preset(tmp_path):
     assert prior.resolved().batch_size == PRIOR_PRESETS["small"]["train"]["batch_size"]
 
 
+def test_small_preset_trains_the_image_vqvae_with_its_own_adam_betas(tmp_path):
+    def betas(**fields):
+        arguments = TokenizerTrainingArguments(max_steps=5, output_dir=str(tmp_path), preset="small", **fields)
+        return arguments.resolved().adam_beta1, arguments.resolved().adam_beta2
+
+    train, vqvae = TOKENIZER_PRESETS["small"]["train"], TOKENIZER_PRESETS["small"]["image_train"]["vqvae"]
+    taming = (train["adam_beta1"], train["adam_beta2"])
+    assert (vqvae["adam_beta1"], vqvae["adam_beta2"]) != taming
+    assert betas(variant="vqvae") == (vqvae["adam_beta1"], vqvae["adam_beta2"])
+    assert betas(variant="vqgan") == taming
+    assert betas(variant="vqvae", modality="text") == taming  # measured for images only
+    assert betas(variant="vqvae", adam_beta1=0.5) == (0.5, vqvae["adam_beta2"])  # given: kept
+    assert betas(variant="vqvae", adam_beta1=0.0)[0] == 0.0  # a 0 stays a 0
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--learning-rate", "0"], "--learning-rate must be a finite number > 0.0, got 0.0"),
