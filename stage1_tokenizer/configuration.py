@@ -48,10 +48,11 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         train=dict(batch_size=64, learning_rate=4e-4, disc_learning_rate=4e-4, log_every=25,
                    sample_every=500, checkpoint_every=500, adam_beta1=0.5, adam_beta2=0.9),
         # Image VQ-VAEs: the autoencoder's Adam at LlamaGen's betas, not taming's (0.5, 0.9). On held-out
-        # Fashion-MNIST at the fitted standard budget (1,200 steps) its reconstructions' FD-classifier fell from 6.95
-        # and 6.70 to 4.20 and 4.65 (seeds 0, 1; README, Stage 1): with beta1 0.5 the last weights jitter (the
-        # background sits 0.023 above black, against 0.015). The VQGAN, whose GAN recipe was tuned with taming's
-        # betas, showed no clear change (2.11 -> 2.62, within its run-to-run spread), and text was not measured.
+        # Fashion-MNIST at the fitted standard budget (1,200 steps) its reconstructions' FD-classifier fell from
+        # 6.95 and 6.70 to 4.20 and 4.65 (seeds 0, 1; README, Results: Fashion-MNIST): with beta1 0.5 the last
+        # weights jitter (the background sits 0.023 above black, against 0.015). The VQGAN, whose GAN recipe was
+        # tuned with taming's betas, showed no clear change (2.11 -> 2.62, within its run-to-run spread), and text
+        # was not measured.
         image_train=dict(vqvae=dict(adam_beta1=0.9, adam_beta2=0.95)),
     ),
     # A GPU-sized model for 64x64+ images (taming's f=8 configuration, narrower).
