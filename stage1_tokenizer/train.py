@@ -251,6 +251,8 @@ def main(args: TokenizerTrainingArguments) -> None:
     logger = MetricsLogger(output_dir, accelerator.is_main_process)
     if args.resume:
         step, _ = resume_checkpoint(accelerator, checkpoint_dir)
+        for group in ae_opt.param_groups:  # the loaded state brings its own betas; this run's apply, as its rates do
+            group["betas"] = (args.adam_beta1, args.adam_beta2)
         logger.truncate_after(step)
         accelerator.print(f"resumed from step {step}")
     elif accelerator.is_main_process:

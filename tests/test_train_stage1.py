@@ -242,6 +242,15 @@ def test_adam_betas_reach_the_autoencoders_optimizer(train, tmp_path):
         assert_same_weights(default / "model.safetensors", changed / "model.safetensors")
 
 
+def test_a_resumed_run_uses_its_own_adam_betas_not_the_checkpoints(train, tmp_path):
+    argv = ["--dataset", "digits", "--variant", "vqvae", "--cpu", "--mixed-precision", "no", "--checkpoint-every", 2]
+    run = train(tmp_path / "run", *argv, steps=2)
+    train(run, *argv, "--resume", "--adam-beta1", 0.9, "--adam-beta2", 0.95, steps=4)
+    for step, betas in ((2, [0.5, 0.9]), (4, [0.9, 0.95])):
+        state = torch.load(run / "checkpoints" / f"step_{step}" / "optimizer.bin", weights_only=True)
+        assert [list(group["betas"]) for group in state["param_groups"]] == [betas], step
+
+
 def test_weight_ema_is_the_average_of_each_steps_weights_and_leaves_training_alone(train, tmp_path):
     argv = ["--dataset", "digits", "--variant", "vqgan", "--disc-start", 2, "--mixed-precision", "no", "--cpu",
             "--checkpoint-every", 1, "--keep-checkpoints", 10, "--max-eval-items", 64]
