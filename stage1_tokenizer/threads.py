@@ -74,16 +74,24 @@ class ThreadGovernor:
         own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         return time.monotonic(), busy, int(own[11]) + int(own[12])  # utime + stime
 
+    def measure_other_load(self) -> float | None:
+        """The cores other processes kept busy on this process's cores since the last measurement (None without
+        /proc); starts the next measurement."""
+        if self._last is None:
+            return None
+        now = self._sample()
+        elapsed = max((now[0] - self._last[0]) * self.ticks_per_second, 1e-9)
+        self.other_load = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / elapsed
+        self._last = now
+        return self.other_load
+
     def update(self) -> int:
         """Re-measure if a check is due and resize the pool; returns the thread count in force."""
         if self._last is None or time.monotonic() - self._last[0] < self.interval:
             return self.threads
         import torch
 
-        now = self._sample()
-        elapsed = (now[0] - self._last[0]) * self.ticks_per_second
-        self.other_load = max(0.0, (now[1] - self._last[1]) - (now[2] - self._last[2])) / elapsed
-        self._last = now
+        self.measure_other_load()
         free = len(self.cpus) - self.other_load
         threads = self.max_threads if self.other_load < OTHER_LOAD_THRESHOLD else max(1, math.floor(free + 0.5))
         self.threads = min(self.max_threads, threads)

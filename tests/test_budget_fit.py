@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+import time
 
 import pytest
 
-from pipelines import budget_fit
+from pipelines import budget_fit, compare
 from pipelines.budget_fit import StepSeconds, describe_fit, fit_budget, predicted_training_seconds, probe_step_seconds
 from pipelines.budgets import Budget, CompareArguments, budget_for
 from pipelines.compare import fitted_budget
@@ -75,6 +78,31 @@ def test_compare_fits_once_keeps_the_fit_and_never_touches_explicit_steps(tmp_pa
     assert note == "not fitted to 10 min: prior_steps given explicitly" and len(calls) == 1
     off = CompareArguments(budget="standard", train_minutes=0, output_dir=str(tmp_path))
     assert fitted_budget(off, off.resolved_budget(), "digits", 10, tmp_path) == (off.resolved_budget(), None)
+
+
+def test_a_fit_timed_beside_a_busy_process_says_so(tmp_path, monkeypatch):
+    def probe_beside_a_busy_loop(*args, **kwargs):  # the steps are "timed" while another process spins
+        neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            time.sleep(1.5)
+        finally:
+            neighbour.kill()
+            neighbour.wait()
+        return StepSeconds(vqvae=1.0, vqgan=2.0, prior=0.5)
+
+    monkeypatch.setattr(budget_fit, "probe_step_seconds", probe_beside_a_busy_loop)
+    for folder in ("busy", "quiet"):
+        (tmp_path / folder).mkdir()
+    arguments = CompareArguments(budget="standard", train_minutes=10, output_dir=str(tmp_path / "busy"))
+    _, note = fitted_budget(arguments, arguments.resolved_budget(), "digits", 10, tmp_path / "busy")
+    record = json.loads((tmp_path / "busy" / "budget_fit.json").read_text())
+    assert record["other_load_during_timing"] >= 0.5
+    assert "cores busy while the steps were timed" in note and record["note"] == note
+
+    monkeypatch.setattr(budget_fit, "probe_step_seconds", lambda *args, **kwargs: StepSeconds(1.0, 2.0, 0.5))
+    monkeypatch.setattr(compare.ThreadGovernor, "measure_other_load", lambda self: 0.05)  # a quiet machine
+    _, note = fitted_budget(arguments, arguments.resolved_budget(), "digits", 10, tmp_path / "quiet")
+    assert "busy" not in note and note.startswith("scaled by")
 
 
 def test_a_bad_time_target_is_refused():
