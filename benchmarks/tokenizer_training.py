@@ -20,6 +20,7 @@ the test split that `vqgen compare` reports. Finished runs are reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -34,7 +35,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
 from stage1_tokenizer import VQModel  # noqa: E402
-from stage1_tokenizer.arguments import LR_SCHEDULES  # noqa: E402
+from stage1_tokenizer.arguments import (  # noqa: E402
+    LR_SCHEDULES, TRAINING_ARGS, TokenizerTrainingArguments, parse_arguments,
+)
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
@@ -59,9 +62,6 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
         tag += "_betas{:g}-{:g}".format(*args.adam_betas)
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
     stamp = folder / "study_seconds.json"
-    if (folder / "model.safetensors").is_file() and stamp.is_file():
-        print(f"reusing {folder}")
-        return folder, json.loads(stamp.read_text())["seconds"]
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", variant,
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--weight-ema", str(args.weight_ema), "--seed", str(args.seed),
@@ -74,6 +74,15 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
         command += ["--config", json.dumps(fields)]
     if args.adam_betas:
         command += ["--adam-beta1", str(args.adam_betas[0]), "--adam-beta2", str(args.adam_betas[1])]
+    if (folder / "model.safetensors").is_file() and stamp.is_file():
+        # A folder is named by the settings given here, not by stage 1's defaults: reuse it only if it was trained
+        # with the arguments this command would resolve to today (a changed default leaves an old folder stale).
+        expected = dataclasses.asdict(parse_arguments(TokenizerTrainingArguments, command[3:]).resolved())
+        if json.loads((folder / TRAINING_ARGS).read_text()) != expected:
+            raise SystemExit(f"{folder} was trained with other stage-1 arguments than this command resolves to "
+                             f"(a default changed since?); delete it or pass another --output-dir")
+        print(f"reusing {folder}")
+        return folder, json.loads(stamp.read_text())["seconds"]
     print(f"$ {' '.join(command)}", flush=True)
     start = time.time()
     subprocess.run(command, cwd=REPO_ROOT, check=True)
