@@ -11,6 +11,11 @@ by `suppress_tokens` (as vqgen draws only codes), guidance through generate()'s 
 unbatched forward per step on log-softmaxed logits, which after restriction to codes is the same distribution as
 vqgen's u + s (c - u)). A third sampler row, "vqgen, transformers forward", is vqgen's loop with its decode step
 switched off (the prior's own forward and transformers' dynamic cache: vqgen's path before it had its own step).
+vqgen samples at `precision="auto"` (bf16 matmul weights in its decode step from 4 rows on a CPU with native bf16);
+"vqgen, float32" is the same sampler at `precision="fp32"`, and "generate(), bf16 autocast" is generate() inside
+`torch.autocast(dtype=torch.bfloat16)` where bf16 is fast on the device (its matmuls in bf16 too): the ratios are
+against plain generate(), in float32 as the prior is loaded, and these two rows show what the precision buys on
+each side.
 
     python benchmarks/bench_sampling.py [--quick] [--tables pipeline generate] [--output PATH]
 
@@ -38,6 +43,7 @@ import torch  # noqa: E402
 from pipelines.pipeline import VQPipeline  # noqa: E402
 from stage1_tokenizer.configuration import VQConfig  # noqa: E402
 from stage1_tokenizer.modeling import VQModel  # noqa: E402
+from stage1_tokenizer.precision import fast_autocast  # noqa: E402
 from stage1_tokenizer.train_utils import tune_allocator  # noqa: E402
 from stage2_prior.modeling import TokenLayout, build_prior  # noqa: E402
 from stage2_prior import sampling  # noqa: E402
@@ -47,7 +53,7 @@ NUM_CLASSES = 10
 GUIDANCE = 2.0
 MODES = ("cache", "CFG", "static cache", "no cache")
 # Sampler modes of the "generate" table: (sampler, guided).
-SAMPLERS = ("vqgen", "generate()", "vqgen, transformers forward")
+SAMPLERS = ("vqgen", "generate()", "vqgen, float32", "generate(), bf16 autocast", "vqgen, transformers forward")
 SAMPLER_MODES = tuple((sampler, guided) for sampler in SAMPLERS for guided in (False, True))
 
 
@@ -80,22 +86,25 @@ def sample(pipe: VQPipeline, batch: int, sampler: str, guided: bool, device: tor
     layout, prior = pipe.layout, pipe.prior
     labels = torch.full((batch,), 3)
     scale = GUIDANCE if guided else 1.0
-    if sampler == "generate()":
+    if sampler.startswith("generate()"):
+        autocast = fast_autocast(device) if sampler == "generate(), bf16 autocast" else nullcontext()
         condition = layout.condition_tokens(labels, batch).unsqueeze(1).to(device)  # (B, 1)
         guidance = dict(guidance_scale=scale, negative_prompt_ids=torch.full_like(condition, layout.null_token)) \
             if guided else {}
         torch.manual_seed(0)
-        with Timer(device) as timer:
+        with autocast, Timer(device) as timer:
             out = prior.generate(
                 input_ids=condition, attention_mask=torch.ones_like(condition), max_new_tokens=layout.num_codes,
                 min_new_tokens=layout.num_codes, do_sample=True, top_k=0, top_p=1.0, temperature=1.0, use_cache=True,
                 suppress_tokens=list(range(layout.codebook_size, layout.vocab_size)), eos_token_id=None,
                 pad_token_id=layout.null_token, **guidance)
         return timer.wall, out[:, 1:]
-    generic = mock.patch.object(sampling, "fast_decoder", lambda *args: None) if sampler != "vqgen" else nullcontext()
+    generic = mock.patch.object(sampling, "fast_decoder", lambda *args: None) \
+        if sampler == "vqgen, transformers forward" else nullcontext()
     with generic, Timer(device) as timer:
         codes = sample_codes(prior, layout, batch, labels, guidance_scale=scale,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=torch.Generator().manual_seed(0),
+                             precision="fp32" if sampler == "vqgen, float32" else "auto")
     return timer.wall, codes
 
 

@@ -182,6 +182,7 @@ class VQPipeline:
         output_type: str = "pil",
         use_cache: bool = True,
         static_cache: bool = False,
+        precision: str = "auto",
     ) -> VQPipelineOutput:
         """Sample `num_samples` code grids from the prior and decode them.
 
@@ -191,7 +192,10 @@ class VQPipeline:
         (default 256, so memory stays bounded for any num_samples). use_cache (on by default) decodes with a KV
         cache, through vqgen's own decode step for plain Llama priors; static_cache=True, or use_cache=False, runs
         transformers' forward instead (with its preallocated StaticCache, or with no cache). All three give the
-        same codes for a seed: see stage2_prior.sampling.
+        same codes for a seed at precision "fp32". precision "auto" (the default) lets vqgen's decode step run its
+        matmuls with bf16 weights where that is faster (4+ rows on a CPU with native bf16; the cache and attention
+        stay float32), which can change a draw where two codes' probabilities differ by less than its rounding:
+        see stage2_prior.sampling.
         """
         labels = self._check_generate_args(num_samples, class_labels, guidance_scale, temperature, top_k, top_p,
                                            batch_size, output_type, seed)
@@ -207,7 +211,8 @@ class VQPipeline:
             else:
                 chunk = None
             codes.append(sample_codes(self.prior, self.layout, count, chunk, guidance_scale, temperature, top_k,
-                                      top_p, generator, use_cache=use_cache, static_cache=static_cache))
+                                      top_p, generator, use_cache=use_cache, static_cache=static_cache,
+                                      precision=precision))
         codes = torch.cat(codes).view(num_samples, *self.tokenizer.config.latent_shape)
         output = VQPipelineOutput(codes=codes.cpu(), class_labels=labels)
         decoded = [self.tokenizer.decode(codes[i : i + batch_size]) for i in range(0, num_samples, batch_size)]

@@ -82,12 +82,58 @@ def test_fast_and_transformers_paths_draw_the_same_codes(kwargs, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(sampling, "fast_decoder", spy)
+    kwargs["precision"] = "fp32"  # "auto" may round the step's matmuls to bf16 (tested below)
     fast = sample_codes(prior, LAYOUT, 5, labels, generator=torch.Generator().manual_seed(0), **kwargs)
     assert len(made) == 1 and isinstance(made[0], LlamaDecoder)  # a plain Llama prior gets the fast step
+    assert made[0].matmul_dtype == torch.float32
     monkeypatch.setattr(sampling, "fast_decoder", lambda *args: None)
     generic = sample_codes(prior, LAYOUT, 5, labels, generator=torch.Generator().manual_seed(0), **kwargs)
     assert fast.shape == (5, LAYOUT.num_codes)
     assert torch.equal(fast, generic)
+
+
+def test_bf16_matmul_weights_keep_the_next_code_distribution():
+    """The mixed step (bf16 matmul weights, float32 elsewhere) against the float32 step on the same tokens."""
+    prior = random_prior()
+    condition = LAYOUT.condition_tokens(torch.tensor([0, 1, 2, 3, -1]), 5)
+    exact = LlamaDecoder(prior, 5, LAYOUT.num_codes + 1, LAYOUT.codebook_size)
+    mixed = LlamaDecoder(prior, 5, LAYOUT.num_codes + 1, LAYOUT.codebook_size, matmul_dtype=torch.bfloat16)
+    assert mixed.layers[0]["qkv_t"].dtype == mixed.head_t.dtype == torch.bfloat16
+    assert mixed.keys.dtype == torch.float32  # the cache and attention stay float32
+    generator, tokens, divergences = torch.Generator().manual_seed(2), condition, []
+    for position in range(LAYOUT.num_codes):
+        expected, logits = exact.step(tokens, position), mixed.step(tokens, position)
+        assert logits.dtype == torch.float32
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-2)  # bf16 keeps ~3 digits
+        assert not torch.equal(logits, expected)  # the weights really were rounded
+        divergences.append(torch.nn.functional.kl_div(logits.log_softmax(-1), expected.log_softmax(-1),
+                                                      log_target=True, reduction="batchmean"))
+        tokens = torch.randint(0, LAYOUT.codebook_size, (5,), generator=generator)
+    assert max(divergences) < 1e-5  # nats per code (measured: ~3e-7)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["bf16-fast", "bf16-slow"])
+def test_auto_precision_uses_bf16_matmuls_only_where_they_pay(fast, monkeypatch):
+    monkeypatch.setattr(sampling, "bf16_is_fast", lambda device: fast)
+    prior = random_prior()
+    minimum = sampling.BF16_DECODE_MIN_ROWS
+    assert sampling.decode_matmul_dtype(prior, minimum - 1) is None  # few rows: per-op overhead, not bytes
+    assert sampling.decode_matmul_dtype(prior, minimum) == (torch.bfloat16 if fast else None)
+    assert sampling.decode_matmul_dtype(prior, minimum, "fp32") is None
+    assert sampling.decode_matmul_dtype(prior.to(torch.bfloat16), minimum) is None  # a bf16 prior stays itself
+    with pytest.raises(ValueError, match="precision 'fp16' is unknown"):
+        sampling.decode_matmul_dtype(prior, minimum, "fp16")
+    made, real = [], sampling.fast_decoder
+
+    def spy(*args):
+        made.append(real(*args))
+        return made[-1]
+
+    monkeypatch.setattr(sampling, "fast_decoder", spy)
+    codes = sample_codes(random_prior(), LAYOUT, 2, torch.tensor([0, 1]), guidance_scale=2.0,
+                         generator=torch.Generator().manual_seed(0))  # 2 samples, 4 rows with guidance
+    assert codes.shape == (2, LAYOUT.num_codes) and codes.max() < LAYOUT.codebook_size
+    assert made[0].matmul_dtype == (torch.bfloat16 if fast else torch.float32)
 
 
 class _PriorSubclass(LlamaForCausalLM):
