@@ -179,3 +179,46 @@ def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
     train.to_parquet(folder / "train.parquet")
     evaluation.to_parquet(folder / "test.parquet")
     return folder
+
+
+STUDY_SECONDS = "study_seconds.json"
+
+
+def run_or_reuse(command: list[str], folder: Path, done: str, force: bool = False) -> float | None:
+    """Run a training command (`python -m stage1_tokenizer.train ...` or `stage2_prior.train ...`) unless
+    `folder/done` exists; the run's wall-clock seconds (read back when reused; None for a folder this helper did not
+    time).
+
+    Studies name their folders by the settings they give, not by the training scripts' defaults, so a finished
+    folder is reused only if its training_args.json equals what `command` resolves to today (defaults filled in
+    as the training script fills them). A stale folder, trained before a default changed, stops the study with a
+    message naming it instead of passing for a run of today's settings; `force` retrains it.
+    """
+    import dataclasses
+    import subprocess
+
+    from stage1_tokenizer.arguments import TRAINING_ARGS, TokenizerTrainingArguments, parse_arguments
+    from stage2_prior.arguments import PriorTrainingArguments
+
+    stamp = folder / STUDY_SECONDS
+    if (folder / done).is_file() and not force:
+        module = command[command.index("-m") + 1]
+        kinds = {"stage1_tokenizer.train": TokenizerTrainingArguments, "stage2_prior.train": PriorTrainingArguments}
+        flags = command[command.index("-m") + 2:]
+        expected = json.loads(json.dumps(dataclasses.asdict(parse_arguments(kinds[module], flags).resolved())))
+        path = folder / TRAINING_ARGS
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved != expected:
+            differ = [f"no {TRAINING_ARGS}"] if saved is None else \
+                sorted(key for key in expected.keys() | saved.keys() if saved.get(key) != expected.get(key))
+            raise SystemExit(f"error: {folder} was trained with other arguments than this command resolves to today "
+                             f"({', '.join(differ)}: a default changed since?); delete it, pass another output "
+                             f"folder, or --force")
+        print(f"reusing {folder}")
+        return json.loads(stamp.read_text())["seconds"] if stamp.is_file() else None
+    print(f"$ {' '.join(command)}", flush=True)
+    start = time.time()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    seconds = time.time() - start
+    stamp.write_text(json.dumps({"seconds": seconds}))
+    return seconds

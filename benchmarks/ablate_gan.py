@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
+from _common import RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, run_or_reuse, write_json
 
 import torch  # noqa: E402
 
@@ -78,10 +76,8 @@ def row_folder(root: Path, name: str) -> Path:
 
 
 def train_row(args, name: str, fields: dict, folder: Path) -> float:
-    """Train one row's tokenizer in a fresh process; returns wall-clock seconds (0 when reused)."""
-    if (folder / "eval_results.json").is_file() and not args.force:
-        print(f"reusing {folder}")
-        return 0.0
+    """Train one row's tokenizer in a fresh process; returns wall-clock seconds (as first measured when reused,
+    0 when that was not recorded)."""
     fields = dict(fields)
     variant = fields.pop("variant", "vqgan")
     flags = fields.pop("train_flags", [])
@@ -90,10 +86,8 @@ def train_row(args, name: str, fields: dict, folder: Path) -> float:
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--seed", str(args.seed), "--config", json.dumps(fields),
                "--log-every", "10", "--max-eval-items", "1000", "--output-dir", str(folder), *flags]
-    print(f"\n== {name} ==\n$ {' '.join(command)}", flush=True)
-    start = time.time()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
-    return time.time() - start
+    print(f"\n== {name} ==", flush=True)
+    return run_or_reuse(command, folder, "eval_results.json", force=args.force) or 0.0
 
 
 def main(args: argparse.Namespace) -> None:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
+from _common import (
+    RESULTS_DIR, SHARED_DATA, STUDY_SECONDS, environment, held_out_dataset, print_table, run_or_reuse, write_json,
+)
 
 import matplotlib  # noqa: E402
 
@@ -46,16 +46,11 @@ SCORES = {
 
 
 def timed_run(command: list[str], folder: Path, done: str) -> float:
-    """Run a training command unless `folder/done` exists; its wall-clock seconds (read back when reused)."""
-    stamp = folder / "study_seconds.json"
-    if (folder / done).is_file() and stamp.is_file():
-        print(f"reusing {folder}")
-        return json.loads(stamp.read_text())["seconds"]
-    print(f"$ {' '.join(command)}", flush=True)
-    start = time.time()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
-    seconds = time.time() - start
-    stamp.write_text(json.dumps({"seconds": seconds}))
+    """Run a training command unless `folder/done` exists (and was trained with today's resolved arguments: see
+    `run_or_reuse`); its wall-clock seconds (read back when reused)."""
+    seconds = run_or_reuse(command, folder, done)
+    if seconds is None:
+        raise SystemExit(f"error: {folder} has no {STUDY_SECONDS} (not trained by this study?); delete it")
     return seconds
 
 

@@ -20,24 +20,21 @@ the test split that `vqgen compare` reports. Finished runs are reused.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import REPO_ROOT, RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, write_json
+from _common import (
+    RESULTS_DIR, SHARED_DATA, STUDY_SECONDS, environment, held_out_dataset, print_table, run_or_reuse, write_json,
+)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from pipelines.classifier import load_or_train_classifier  # noqa: E402
 from stage1_tokenizer import VQModel  # noqa: E402
-from stage1_tokenizer.arguments import (  # noqa: E402
-    LR_SCHEDULES, TRAINING_ARGS, TokenizerTrainingArguments, parse_arguments,
-)
+from stage1_tokenizer.arguments import LR_SCHEDULES  # noqa: E402
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS  # noqa: E402
 from stage1_tokenizer.evaluation import reconstruction_metrics  # noqa: E402
 
@@ -61,7 +58,6 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
     if args.adam_betas:
         tag += "_betas{:g}-{:g}".format(*args.adam_betas)
     folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
-    stamp = folder / "study_seconds.json"
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", variant,
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--weight-ema", str(args.weight_ema), "--seed", str(args.seed),
@@ -74,20 +70,9 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
         command += ["--config", json.dumps(fields)]
     if args.adam_betas:
         command += ["--adam-beta1", str(args.adam_betas[0]), "--adam-beta2", str(args.adam_betas[1])]
-    if (folder / "model.safetensors").is_file() and stamp.is_file():
-        # A folder is named by the settings given here, not by stage 1's defaults: reuse it only if it was trained
-        # with the arguments this command would resolve to today (a changed default leaves an old folder stale).
-        expected = dataclasses.asdict(parse_arguments(TokenizerTrainingArguments, command[3:]).resolved())
-        if json.loads((folder / TRAINING_ARGS).read_text()) != expected:
-            raise SystemExit(f"{folder} was trained with other stage-1 arguments than this command resolves to "
-                             f"(a default changed since?); delete it or pass another --output-dir")
-        print(f"reusing {folder}")
-        return folder, json.loads(stamp.read_text())["seconds"]
-    print(f"$ {' '.join(command)}", flush=True)
-    start = time.time()
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
-    seconds = time.time() - start
-    stamp.write_text(json.dumps({"seconds": seconds}))
+    seconds = run_or_reuse(command, folder, "model.safetensors")
+    if seconds is None:
+        raise SystemExit(f"error: {folder} has no {STUDY_SECONDS} (not trained by this study?); delete it")
     return folder, seconds
 
 
