@@ -57,6 +57,18 @@ def _reusable(folder: Path, settings: dict, done_file: str) -> bool:
     return (folder / done_file).is_file() and marker.is_file() and json.loads(marker.read_text()) == settings
 
 
+def tokenizer_settings(stage1) -> dict:
+    """What a tokenizer run is matched on: its arguments after the presets' defaults are filled in, and the model
+    config they build, so a run trained under an older default is retrained rather than reused, whether the default
+    was a training argument's (a preset's learning rate) or the model's (the GAN recipe's fields)."""
+    from stage1_tokenizer.train import build_config
+
+    resolved = stage1.resolved()
+    config = build_config(resolved, None, None).to_dict()
+    config.pop("transformers_version", None)
+    return json.loads(json.dumps({**dataclasses.asdict(resolved), "model_config": config}))  # as the marker reads
+
+
 def seed_folder(output_dir: Path, index: int, seed: int) -> Path:
     return output_dir if index == 0 else output_dir / "seeds" / f"seed_{seed}"
 
@@ -68,9 +80,7 @@ def train_variant(variant: str, budget: Budget, arguments: CompareArguments, dat
     tokenizer_dir, prior_dir = root / "tokenizers" / variant, root / "pipelines" / variant
     stage1 = tokenizer_arguments(budget, variant, dataset, arguments.modality, seed, arguments.perceptual,
                                  tokenizer_dir, arguments.threads)
-    # Runs are matched on their arguments after the presets' defaults are filled in, so a run trained under an older
-    # default (a preset's learning rate, say) is retrained rather than reused.
-    settings = dataclasses.asdict(stage1.resolved())
+    settings = tokenizer_settings(stage1)
     if arguments.force or not _reusable(tokenizer_dir, settings, "model.safetensors"):
         tokenizer_dir.mkdir(parents=True, exist_ok=True)
         (tokenizer_dir / RUN_SETTINGS).unlink(missing_ok=True)

@@ -180,7 +180,8 @@ def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_bu
 
 
 def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monkeypatch):
-    """Reuse compares the arguments with the presets' defaults filled in: a changed default learning rate retrains."""
+    """Reuse compares the arguments with the presets' defaults filled in, and the model config they build: a
+    changed default learning rate retrains, and so does a changed model default."""
     from pipelines import compare
     from stage1_tokenizer.configuration import TOKENIZER_PRESETS
 
@@ -205,3 +206,7 @@ def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monk
     preset = TOKENIZER_PRESETS[budget.tokenizer_preset]
     monkeypatch.setitem(preset, "train", {**preset["train"], "learning_rate": 3 * preset["train"]["learning_rate"]})
     assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]  # the default moved: retrained
+    assert train() == []
+    # A model default moved (as the GAN recipe's fields are VQConfig defaults, not training arguments): retrained.
+    monkeypatch.setitem(preset, "model", {**preset["model"], "disc_weight": 0.5})
+    assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]
