@@ -12,8 +12,9 @@ It computes what `LlamaForCausalLM.forward` computes, up to float rounding; test
 its logits against the transformers forward. With `matmul_dtype=torch.bfloat16` the matmul weights are kept in bf16
 and each matmul's input is cast to it, while the residual stream, the norms, the rotary embedding, the KV cache and
 attention stay in the prior's float32: on a CPU with native bf16 that draws 4+ rows 1.2-1.5x faster (the weights
-are half the bytes to stream each step, and bf16 matmuls run at twice the rate), where a bf16 KV cache would be
-slower (the CPU's bf16 kernels for one-query attention are). `sampling.decode_precision` chooses it. `unsupported_reason` says which priors it cannot run; for those
+are half the bytes to stream each step, and bf16 matmuls run at twice the rate). The cache stays float32 because
+the CPU's bf16 kernels for one-query attention were measured 2-5x slower than its float32 ones.
+`sampling.decode_matmul_dtype` chooses the dtype. `unsupported_reason` says which priors it cannot run; for those
 the sampler keeps the transformers forward.
 """
 
