@@ -20,6 +20,7 @@ from stage1_tokenizer.data import load_split
 from stage1_tokenizer.threads import ThreadGovernor, set_torch_threads
 from stage1_tokenizer.train_utils import check_compile_available
 from stage2_prior.folder import library_versions
+from stage2_prior.sampling import describe_precision
 
 from .budgets import (DEFAULT_DATASETS, VARIANTS, Budget, CompareArguments, prior_arguments,
                       tokenizer_arguments)
@@ -207,6 +208,9 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
         elapsed_seconds=time.time() - started, library_versions=library_versions(), **dataclasses.asdict(budget))
     if fit_note:
         settings["budget_fit"] = fit_note
+    # Samples were drawn in evaluation batches of up to 250: say whether that ran bf16 matmuls (machine-dependent).
+    prior = VQPipeline.from_pretrained(output_dir / "pipelines" / VARIANTS[0]).prior
+    settings["sampling_precision"] = describe_precision(prior, min(250, budget.num_eval_samples))
     result = aggregate(settings, runs, seeds)
     for variant in VARIANTS:  # the model cards state what the comparison measured
         pipe = VQPipeline.from_pretrained(output_dir / "pipelines" / variant)

@@ -81,6 +81,13 @@ def decode_matmul_dtype(prior: PreTrainedModel, rows: int, precision: str = "aut
     return None
 
 
+def describe_precision(prior: PreTrainedModel, rows: int, precision: str = "auto") -> str:
+    """How `sample_codes` computes a draw of `rows` rows of `prior` at `precision`, in words (for reports)."""
+    if unsupported_reason(prior) is None and decode_matmul_dtype(prior, rows, precision) == torch.bfloat16:
+        return "bf16 matmul weights in the decode step; float32 KV cache, attention and draws (a CPU with native bf16)"
+    return f"{str(next(prior.parameters()).dtype).removeprefix('torch.')} throughout"
+
+
 def fast_decoder(prior: PreTrainedModel, rows: int, max_len: int, num_logits: int,
                  matmul_dtype: torch.dtype | None = None) -> LlamaDecoder | None:
     """The hand-written decode step for `prior` (None when `LlamaDecoder` does not support it)."""

@@ -120,7 +120,7 @@ def test_auto_precision_uses_bf16_matmuls_only_where_they_pay(fast, monkeypatch)
     assert sampling.decode_matmul_dtype(prior, minimum - 1) is None  # few rows: per-op overhead, not bytes
     assert sampling.decode_matmul_dtype(prior, minimum) == (torch.bfloat16 if fast else None)
     assert sampling.decode_matmul_dtype(prior, minimum, "fp32") is None
-    assert sampling.decode_matmul_dtype(prior.to(torch.bfloat16), minimum) is None  # a bf16 prior stays itself
+    assert sampling.decode_matmul_dtype(random_prior().to(torch.bfloat16), minimum) is None  # a bf16 prior: itself
     with pytest.raises(ValueError, match="precision 'fp16' is unknown"):
         sampling.decode_matmul_dtype(prior, minimum, "fp16")
     made, real = [], sampling.fast_decoder
@@ -134,6 +134,11 @@ def test_auto_precision_uses_bf16_matmuls_only_where_they_pay(fast, monkeypatch)
                          generator=torch.Generator().manual_seed(0))  # 2 samples, 4 rows with guidance
     assert codes.shape == (2, LAYOUT.num_codes) and codes.max() < LAYOUT.codebook_size
     assert made[0].matmul_dtype == (torch.bfloat16 if fast else torch.float32)
+    described = sampling.describe_precision(prior, minimum)
+    assert described.startswith("bf16 matmul") if fast else described == "float32 throughout"
+    assert sampling.describe_precision(prior, minimum, "fp32") == "float32 throughout"
+    unsupported = build_prior("tiny", LAYOUT, hidden_act="gelu")  # runs the transformers forward, in float32
+    assert sampling.describe_precision(unsupported, minimum) == "float32 throughout"
 
 
 class _PriorSubclass(LlamaForCausalLM):
