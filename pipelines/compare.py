@@ -24,7 +24,7 @@ from stage2_prior.sampling import describe_precision
 
 from .budgets import (DEFAULT_DATASETS, VARIANTS, Budget, CompareArguments, prior_arguments,
                       tokenizer_arguments)
-from .evaluate import evaluate_images, evaluate_texts
+from .evaluate import SAMPLE_BATCH, evaluate_images, evaluate_texts
 from .pipeline import VQPipeline
 from .result import CompareResult, aggregate, read_gan_health
 
@@ -208,12 +208,12 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
         elapsed_seconds=time.time() - started, library_versions=library_versions(), **dataclasses.asdict(budget))
     if fit_note:
         settings["budget_fit"] = fit_note
-    # Samples were drawn in evaluation batches of up to 250: say whether that ran bf16 matmuls (machine-dependent).
-    prior = VQPipeline.from_pretrained(output_dir / "pipelines" / VARIANTS[0]).prior
-    settings["sampling_precision"] = describe_precision(prior, min(250, budget.num_eval_samples))
+    pipes = {variant: VQPipeline.from_pretrained(output_dir / "pipelines" / variant) for variant in VARIANTS}
+    # Whether the evaluation's sample batches ran bf16 matmuls depends on the machine: the report says.
+    settings["sampling_precision"] = describe_precision(pipes[VARIANTS[0]].prior,
+                                                        min(SAMPLE_BATCH, budget.num_eval_samples))
     result = aggregate(settings, runs, seeds)
-    for variant in VARIANTS:  # the model cards state what the comparison measured
-        pipe = VQPipeline.from_pretrained(output_dir / "pipelines" / variant)
+    for variant, pipe in pipes.items():  # the model cards state what the comparison measured
         pipe.metadata["evaluation_metrics"] = {group: getattr(result, group)[variant]
                                                for group in ("reconstruction", "generation")
                                                if variant in getattr(result, group)}

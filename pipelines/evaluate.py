@@ -26,6 +26,10 @@ from .uncertainty import image_sample_intervals, text_sample_intervals
 from .verdict import COLUMN_NAMES
 
 
+# Samples per generate() batch in the evaluation (images and text).
+SAMPLE_BATCH = 250
+
+
 def _grid(images: torch.Tensor, nrow: int) -> Image.Image:
     """(N, C, H, W) in [-1, 1] -> a PIL grid."""
     from torchvision.utils import make_grid
@@ -35,7 +39,8 @@ def _grid(images: torch.Tensor, nrow: int) -> Image.Image:
 
 
 def _generate_images(pipe: VQPipeline, labels: list[int] | None, count: int, guidance: float, seed: int,
-                     batch_size: int = 250, temperature: float = 1.0, top_k: int | None = None) -> torch.Tensor:
+                     batch_size: int = SAMPLE_BATCH, temperature: float = 1.0,
+                     top_k: int | None = None) -> torch.Tensor:
     out = pipe.generate(num_samples=count, class_labels=labels, guidance_scale=guidance if labels else 1.0,
                         temperature=temperature, top_k=top_k, seed=seed, batch_size=batch_size, output_type="pt")
     return out.images * 2 - 1  # back to [-1, 1]
@@ -223,7 +228,7 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     for variant, pipe in pipes.items():
         results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split)
         out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
-                            guidance_scale=guidance_scale if conditional else 1.0, seed=seed, batch_size=250)
+                            guidance_scale=guidance_scale if conditional else 1.0, seed=seed, batch_size=SAMPLE_BATCH)
         results["generation"][variant] = text_generation_metrics(out.texts, seen, ngram, sentiment, requested)
         results["intervals"]["generation"][variant] = _text_intervals(out.texts, ngram, sentiment, requested, seed)
         results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
