@@ -184,10 +184,11 @@ def held_out_dataset(dataset: str, holdout: int, root: Path) -> Path:
 STUDY_SECONDS = "study_seconds.json"
 
 
-def run_or_reuse(command: list[str], folder: Path, done: str, force: bool = False) -> float | None:
+def run_or_reuse(command: list[str], folder: Path, done: str, force: bool = False,
+                 untimed_ok: bool = False) -> float | None:
     """Run a training command (`python -m stage1_tokenizer.train ...` or `stage2_prior.train ...`) unless
-    `folder/done` exists; the run's wall-clock seconds (read back when reused; None for a folder this helper did not
-    time).
+    `folder/done` exists; the run's wall-clock seconds (read back when reused). A reused folder this helper did not
+    time stops the study, unless `untimed_ok` (then None).
 
     Studies name their folders by the settings they give, not by the training scripts' defaults, so a finished
     folder is reused only if its training_args.json equals what `command` resolves to today (defaults filled in
@@ -214,6 +215,8 @@ def run_or_reuse(command: list[str], folder: Path, done: str, force: bool = Fals
             raise SystemExit(f"error: {folder} was trained with other arguments than this command resolves to today "
                              f"({', '.join(differ)}: a default changed since?); delete it, pass another output "
                              f"folder, or --force")
+        if not stamp.is_file() and not untimed_ok:
+            raise SystemExit(f"error: {folder} has no {STUDY_SECONDS} (not trained by this study?); delete it")
         print(f"reusing {folder}")
         return json.loads(stamp.read_text())["seconds"] if stamp.is_file() else None
     print(f"$ {' '.join(command)}", flush=True)

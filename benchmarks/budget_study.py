@@ -24,9 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from _common import (
-    RESULTS_DIR, SHARED_DATA, STUDY_SECONDS, environment, held_out_dataset, print_table, run_or_reuse, write_json,
-)
+from _common import RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, run_or_reuse, write_json
 
 import matplotlib  # noqa: E402
 
@@ -45,15 +43,6 @@ SCORES = {
 }
 
 
-def timed_run(command: list[str], folder: Path, done: str) -> float:
-    """Run a training command unless `folder/done` exists (and was trained with today's resolved arguments: see
-    `run_or_reuse`); its wall-clock seconds (read back when reused)."""
-    seconds = run_or_reuse(command, folder, done)
-    if seconds is None:
-        raise SystemExit(f"error: {folder} has no {STUDY_SECONDS} (not trained by this study?); delete it")
-    return seconds
-
-
 def train_tokenizer(args, steps: int) -> tuple[Path, float]:
     folder = Path(args.output_dir) / f"tokenizer_{args.variant}_{steps}"
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", args.variant,
@@ -63,7 +52,7 @@ def train_tokenizer(args, steps: int) -> tuple[Path, float]:
                "--max-eval-items", "1000", "--output-dir", str(folder)]
     if args.tokenizer_config:
         command += ["--config", str(args.tokenizer_config)]
-    return folder, timed_run(command, folder, "model.safetensors")
+    return folder, run_or_reuse(command, folder, "model.safetensors")
 
 
 def train_prior(args, tokenizer: Path, tokenizer_steps: int, steps: int) -> tuple[Path, float]:
@@ -75,7 +64,7 @@ def train_prior(args, tokenizer: Path, tokenizer_steps: int, steps: int) -> tupl
                str(args.seed), "--compile", "--output-dir", str(folder), *extra]
     if args.class_conditional:
         command.append("--class-conditional")
-    return folder, timed_run(command, folder, "pipeline_config.json")
+    return folder, run_or_reuse(command, folder, "pipeline_config.json")
 
 
 def score(args, pipeline: Path) -> dict:

@@ -25,9 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from _common import (
-    RESULTS_DIR, SHARED_DATA, STUDY_SECONDS, environment, held_out_dataset, print_table, run_or_reuse, write_json,
-)
+from _common import RESULTS_DIR, SHARED_DATA, environment, held_out_dataset, print_table, run_or_reuse, write_json
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -70,10 +68,7 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
         command += ["--config", json.dumps(fields)]
     if args.adam_betas:
         command += ["--adam-beta1", str(args.adam_betas[0]), "--adam-beta2", str(args.adam_betas[1])]
-    seconds = run_or_reuse(command, folder, "model.safetensors")
-    if seconds is None:
-        raise SystemExit(f"error: {folder} has no {STUDY_SECONDS} (not trained by this study?); delete it")
-    return folder, seconds
+    return folder, run_or_reuse(command, folder, "model.safetensors")
 
 
 def trained_weights(folder: Path, steps: int) -> VQModel:
