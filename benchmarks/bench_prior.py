@@ -21,7 +21,7 @@ from _common import (
 import torch  # noqa: E402  (after _common put the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from stage1_tokenizer.train_utils import mixed_precision_mode, tune_allocator  # noqa: E402
+from stage1_tokenizer.train_utils import fused_optimizer, mixed_precision_mode, tune_allocator  # noqa: E402
 from stage2_prior.modeling import PRIOR_PRESETS, TokenLayout, build_prior, training_attention  # noqa: E402
 from stage2_prior.train import code_loss  # noqa: E402
 
@@ -46,7 +46,7 @@ class Mode:
         train = PRIOR_PRESETS[preset]["train"]
         prior = build_prior(preset, LAYOUT, attn_implementation=attention or training_attention(device))
         optimizer = torch.optim.AdamW(prior.parameters(), lr=train["learning_rate"], betas=(0.9, 0.95),
-                                      weight_decay=0.05)
+                                      weight_decay=0.05, **fused_optimizer(self.accelerator.device))
         self.prior, self.optimizer = self.accelerator.prepare(prior, optimizer)
         self.loss = torch.compile(code_loss) if compiled else code_loss
         self.wall, self.cpu, self.warmup_s, self.flops = [], [], 0.0, None

@@ -25,11 +25,23 @@ class Blur(nn.Module):
         return self.conv(x, self.kernel.to(x.dtype), padding=1, groups=x.shape[1])
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises a channels-last input (the image discriminator runs channels-last) in
+    channels-first layout on CPU and hands it back channels-last: CPU's channels-last GroupNorm, forward and
+    backward, is slower than the two copies (bf16, 32 x 128 x 7 x 7: 1.78 against 0.59 ms). Same parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+                memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def _norm(kind: str, channels: int, dims: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(32, channels // 4), channels)
+        return GroupNorm(min(32, channels // 4), channels)
     return nn.Identity()
 
 

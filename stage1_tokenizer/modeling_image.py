@@ -43,8 +43,14 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (B, C, *spatial)
         h = self.norm(x).flatten(2).transpose(1, 2)  # (B, L, C)
-        q, k, v = self.qkv(h).unsqueeze(1).chunk(3, dim=-1)  # each (B, 1, L, C)
-        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, L, C)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)  # each (B, L, C)
+        if x.device.type == "cpu":
+            # Plain matmuls and a softmax: at these lengths (tens to hundreds of positions) CPU's flash kernel is
+            # slower, its backward most (bf16, 32 x 64 positions x 64 channels: 2.9 against 1.0 ms per block).
+            scores = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5  # (B, L, L)
+            h = torch.bmm(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)  # (B, L, C)
+        else:
+            h = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         h = self.proj(h).transpose(1, 2).reshape(shape)
         return x + h
 

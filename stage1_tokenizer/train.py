@@ -36,6 +36,7 @@ from .train_utils import (
     check_run_identity,
     checkpoint_module,
     claim_output_dir,
+    fused_optimizer,
     mixed_precision_mode,
     reduce_logs,
     release_freed_memory,
@@ -143,12 +144,13 @@ def build_models(accelerator, config: VQConfig, learning_rate: float, disc_learn
         compile_autoencoder(model)
     objective = TokenizerObjective(config).to(accelerator.device)
     release_freed_memory()
-    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=betas)
+    ae_opt = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=betas, **fused_optimizer(accelerator.device))
     disc = objective.discriminator
     if disc is None:
         model, ae_opt = accelerator.prepare(model, ae_opt)
         return model, objective, None, (ae_opt, None)
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_learning_rate, betas=(0.5, 0.9))
+    disc_opt = torch.optim.Adam(disc.parameters(), lr=disc_learning_rate, betas=(0.5, 0.9),
+                                **fused_optimizer(accelerator.device))
     model, ae_opt, wrapped_disc, disc_opt = accelerator.prepare(model, ae_opt, disc, disc_opt)
     return model, objective, wrapped_disc, (ae_opt, disc_opt)
 

@@ -315,6 +315,13 @@ def tune_allocator() -> None:
     libc.mallopt(m_trim_threshold, 1 << 30)
 
 
+def fused_optimizer(device: torch.device) -> dict:
+    """Adam(W) keyword arguments: torch's fused kernel where it has one (CPU, CUDA), one pass over all tensors
+    instead of a loop of small ops per tensor. 2 CPU cores: the `small` tokenizer's Adam step 0.9 against 4.9 ms,
+    the `small` prior's AdamW 2.6 against 7.1 ms (README, Performance)."""
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
 def release_freed_memory() -> None:
     """Give freed heap memory back to the OS once: with tune_allocator's settings glibc keeps it, e.g. the
     ~0.5 GB of VGG16 classifier weights that building the random-VGG perceptual net allocates and drops."""

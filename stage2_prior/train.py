@@ -34,6 +34,7 @@ from stage1_tokenizer.train_utils import (
     checkpoint_module,
     claim_output_dir,
     file_sha256,
+    fused_optimizer,
     mixed_precision_mode,
     resume_checkpoint,
     run_cli,
@@ -153,8 +154,8 @@ def main(args: PriorTrainingArguments) -> None:
     batch_size = args.batch_size
     attention = training_attention(accelerator.device) if args.attention == "auto" else args.attention
     prior = build_prior(args.preset, layout, attn_implementation=attention)
-    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate,
-                                  betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, **fused_optimizer(accelerator.device))
     # The cosine spans --decay-steps (default --max-steps); fix it to extend a run later bit-identically.
     decay_steps = args.decay_steps or args.max_steps
     warmup = min(args.warmup_steps, decay_steps)

@@ -1,5 +1,6 @@
 """The speed paths change how much work is done, never the result: split-graph VQGAN gradients equal taming's
-formulation, the no-grad perceptual target equals the concatenated pass, --compile trains and fails clearly."""
+formulation, the no-grad perceptual target equals the concatenated pass, the perceptual distance's hand-written
+backward equals autograd's, the CPU attention equals SDPA, --compile trains and fails clearly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from stage1_tokenizer import VQConfig, VQModel
-from stage1_tokenizer.losses import RandomVGGPerceptualLoss, TokenizerObjective, _unit_channels
+from stage1_tokenizer.losses import RandomVGGPerceptualLoss, TokenizerObjective, _unit_channels, unit_channel_distance
+from stage1_tokenizer.modeling_image import AttentionBlock
 
 
 def tiny_vqgan(**overrides) -> VQConfig:
@@ -104,6 +106,65 @@ def test_objective_conv_nets_are_channels_last_and_autoencoder_is_not():
     assert model.encoder.conv_in.weight.is_contiguous()
 
 
+def test_decoder_activations_stay_channels_first():
+    # The quantizer moves the code dimension last and back; without .contiguous() its output keeps channel-last
+    # strides, and the whole decoder then runs channels-last, where CPU GroupNorm is several times slower.
+    model = VQModel(tiny_vqgan()).train()
+    seen = []
+    for module in model.decoder.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            module.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].is_contiguous()))
+    model(torch.rand(2, 1, 16, 16) * 2 - 1)
+    model.decode(torch.zeros(2, *model.config.latent_shape, dtype=torch.long))
+    assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_channel_distance_matches_autograd(dtype):
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(3, 16, 5, 6)).to(dtype).contiguous(memory_format=torch.channels_last)
+    b = torch.relu(torch.randn(3, 16, 5, 6)).to(dtype).contiguous(memory_format=torch.channels_last)
+    a[1, :, 2, 3] = 0  # a dead ReLU position: autograd's gradient is NaN there, the hand-written one 0
+    a_ref, a_new = a.clone().requires_grad_(True), a.clone().requires_grad_(True)
+    reference = (_unit_channels(a_ref.float()) - _unit_channels(b.float())).pow(2).sum(1).mean()
+    reference.backward()
+    value = unit_channel_distance(a_new, b)
+    value.backward()
+    torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-7)
+    assert a_new.grad.dtype == dtype and a_new.grad.is_contiguous(memory_format=torch.channels_last)
+    live = torch.ones_like(a, dtype=torch.bool)
+    live[1, :, 2, 3] = False
+    assert torch.isnan(a_ref.grad[~live]).all()
+    assert (a_new.grad[~live] == 0).all()
+    tolerance = dict(rtol=1e-5, atol=1e-8) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(a_new.grad[live].float(), a_ref.grad[live].float(), **tolerance)
+    assert a_new.grad[live].abs().max() > 0
+
+
+def test_unit_channel_distance_target_with_gradient_uses_autograd():
+    a = torch.rand(2, 4, 3, 3, requires_grad=True)
+    b = torch.rand(2, 4, 3, 3, requires_grad=True)
+    unit_channel_distance(a, b).backward()
+    assert a.grad is not None and b.grad is not None and b.grad.abs().sum() > 0
+
+
+def test_cpu_attention_equals_sdpa():
+    torch.manual_seed(0)
+    block = AttentionBlock(16, 4)
+    x = torch.randn(3, 16, 4, 5, requires_grad=True)
+    out = block(x)
+    out.square().sum().backward()
+    h = block.norm(x).flatten(2).transpose(1, 2)
+    q, k, v = (t.unsqueeze(1) for t in block.qkv(h).chunk(3, dim=-1))
+    attended = torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+    reference = x + block.proj(attended).transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    grad = x.grad.clone()
+    x.grad = None
+    reference.square().sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
 # ---------------------------------------------------------------- --compile
 
 
@@ -187,3 +248,33 @@ def test_bf16_measurement_is_a_cached_bool_and_bad_override_is_named(fresh_bf16_
     monkeypatch.setenv(fresh_bf16_probe.OVERRIDE_ENV, "yes")
     with pytest.raises(ValueError, match="VQGEN_CPU_BF16='yes'"):
         fresh_bf16_probe.bf16_is_fast("cpu")
+
+
+def test_optimizers_use_the_fused_adam_kernel_on_cpu(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from stage1_tokenizer.train import build_models
+    from stage1_tokenizer.train_utils import fused_optimizer
+
+    _, _, _, optimizers = build_models(Accelerator(cpu=True), tiny_vqgan(), 2e-4, 2e-4)
+    assert [opt.param_groups[0]["fused"] for opt in optimizers] == [True, True]
+    assert fused_optimizer(torch.device("cpu")) == {"fused": True}
+    assert fused_optimizer(torch.device("meta")) == {}
+
+
+def test_discriminator_group_norm_on_channels_last_equals_nn_group_norm():
+    from stage1_tokenizer.discriminator import GroupNorm
+
+    torch.manual_seed(0)
+    norm = GroupNorm(4, 16)
+    reference = torch.nn.GroupNorm(4, 16)
+    reference.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, out_ref = norm(x), reference(x_ref)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, out_ref)
+    out.sin().sum().backward()
+    out_ref.sin().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad)
