@@ -23,15 +23,15 @@ def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 class _UnitChannelDistance(torch.autograd.Function):
     """sum_c (a / (|a| + eps) - b / (|b| + eps))^2, averaged over batch and positions, |.| the norm over channels;
     `b` is a constant. The same value as building it from `_unit_channels` under autograd, in fewer passes over
-    the tap's feature map (norms accumulated in fp32 straight from bf16, no fp32 copies, a hand-written backward):
-    at 32x32 these element-wise passes cost the training step more than the GroupNorms (README, Performance).
+    the tap's feature map (no autograd intermediates; a hand-written backward of three passes): at 32x32 these
+    element-wise passes cost the training step more than the GroupNorms did (README, Performance).
     Where a position's features are all 0 (a dead ReLU position) its gradient is 0: autograd's is NaN there
     (sqrt at 0), which would discard the whole step, and the exact one is the difference scaled by 1 / eps."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
         ctx.dtype = a.dtype
-        a, b = a.float(), b.float()  # mixed bf16 * fp32 element-wise ops are 2x slower on CPU than a copy + fp32
+        a, b = a.float(), b.float()  # mixed bf16 * fp32 ops instead: 2x slower alone, no faster in a training step
         norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
         inv_a = 1.0 / (norm_a + eps)
         inv_b = 1.0 / (torch.linalg.vector_norm(b, dim=1, keepdim=True) + eps)
