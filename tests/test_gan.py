@@ -212,6 +212,15 @@ def test_separation_auc_ignores_the_threshold():
     assert float(separation_auc(torch.zeros(4), torch.zeros(4))) == pytest.approx(0.5)
 
 
+def test_separation_auc_equals_the_pairwise_count_with_ties():
+    generator = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 20, (300,), generator=generator).float()  # many ties within and across sides
+    fake = torch.randint(-5, 15, (500,), generator=generator).float()
+    pairwise = (real[:, None] > fake[None, :]).float().mean() + 0.5 * (real[:, None] == fake[None, :]).float().mean()
+    assert float(separation_auc(real, fake)) == pytest.approx(float(pairwise), abs=1e-6)
+    assert float(separation_auc(fake, real)) == pytest.approx(1 - float(pairwise), abs=1e-6)
+
+
 def test_fixed_weighting_uses_the_constant_and_logs_no_adaptive_weight():
     config = VQConfig.from_preset("tiny", variant="vqgan", gan_weighting="fixed", disc_weight=0.1)
     objective = TokenizerObjective(config)
