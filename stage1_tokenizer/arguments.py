@@ -54,7 +54,7 @@ def with_defaults(arguments, defaults: dict):
 
 
 # The autoencoder's learning-rate schedules (`--lr-schedule`; stage1_tokenizer.train.learning_rate_factor).
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "cooldown")
 
 @dataclass
 class TokenizerTrainingArguments:
@@ -78,12 +78,15 @@ class TokenizerTrainingArguments:
         "the autoencoder's Adam beta1 (default: the preset's: taming's 0.5, except 0.9 for the small image VQ-VAE)"))
     adam_beta2: float | None = field(default=None, metadata=described(
         "the autoencoder's Adam beta2 (default: the preset's: taming's 0.9, except 0.95 for the small image VQ-VAE)"))
-    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata=described(
-        "the autoencoder's learning rate: constant (taming's), or a cosine decay to 0 over --decay-steps after "
-        "--warmup-steps of linear warm-up; the discriminator's stays constant"))
+    lr_schedule: Literal["constant", "cosine", "cooldown"] = field(default="constant", metadata=described(
+        "the autoencoder's learning rate: constant (taming's), a cosine decay to 0 over --decay-steps, or "
+        "cooldown: constant, then a linear decay to 0 over the last --cooldown-steps of --decay-steps; either "
+        "after --warmup-steps of linear warm-up. The discriminator's stays constant"))
     warmup_steps: int = field(default=0, metadata=described("linear warm-up of the autoencoder's learning rate"))
     decay_steps: int | None = field(default=None, metadata=described(
-        "length of the cosine decay (default: --max-steps); set it when a run will be extended with --resume"))
+        "where the decay ends (default: --max-steps); set it when a run will be extended with --resume"))
+    cooldown_steps: int | None = field(default=None, metadata=described(
+        "length of the cooldown schedule's linear decay (default: a fifth of --decay-steps)"))
     grad_clip: float = field(default=1.0, metadata=described("the autoencoder's gradient-norm clip"))
     disc_grad_clip: float = field(default=0.0, metadata=described(
         "the discriminator's gradient-norm clip (0: none; see README, the VQGAN's discriminator)"))
@@ -129,7 +132,7 @@ class TokenizerTrainingArguments:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        check_positive(self, ("decay_steps",))
+        check_positive(self, ("decay_steps", "cooldown_steps"))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"--lr-schedule {self.lr_schedule!r} is unknown; expected one of {list(LR_SCHEDULES)}")
         if self.weight_ema is not None and not 0.0 < self.weight_ema < 1.0:

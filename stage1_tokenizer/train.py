@@ -174,17 +174,23 @@ def averaged_autoencoder(ema, model: VQModel) -> VQModel:
     return ema.module
 
 
-def learning_rate_factor(step: int, schedule: str, warmup_steps: int, decay_steps: int) -> float:
+def learning_rate_factor(step: int, schedule: str, warmup_steps: int, decay_steps: int,
+                         cooldown_steps: int | None = None) -> float:
     """The autoencoder's learning rate for the update at `step` (0-based), as a fraction of the peak.
 
     "constant": 1. "cosine": a linear warm-up over the first `warmup_steps` updates (the first one already at
-    1 / warmup_steps), then a half cosine from 1 down to 0 at `decay_steps`, and 0 after it. A function of the step
-    alone, so a resumed run continues the same schedule with nothing to checkpoint.
+    1 / warmup_steps), then a half cosine from 1 down to 0 at `decay_steps`, and 0 after it. "cooldown": the same
+    warm-up, then 1 until the last `cooldown_steps` (default: a fifth) of `decay_steps`, over which it falls
+    linearly to 0 (warm-up, stable, decay). A function of the step alone, so a resumed run continues the same
+    schedule with nothing to checkpoint.
     """
     if schedule == "constant":
         return 1.0
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "cooldown":
+        cooldown = cooldown_steps or max(1, decay_steps // 5)
+        return min(1.0, max(0.0, (decay_steps - step) / cooldown))
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -283,7 +289,8 @@ def main(args: TokenizerTrainingArguments) -> None:
         if args.hflip and config.modality == "image":
             images = hflip(images, step, args.seed)
         learning_rate = args.learning_rate * learning_rate_factor(step, args.lr_schedule, args.warmup_steps,
-                                                                  args.decay_steps or args.max_steps)
+                                                                  args.decay_steps or args.max_steps,
+                                                                  args.cooldown_steps)
         for group in ae_opt.param_groups:
             group["lr"] = learning_rate
         logs = train_step(args, accelerator, model, objective, wrapped_disc, (ae_opt, disc_opt), images, step, guard)

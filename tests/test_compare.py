@@ -108,6 +108,11 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
     assert (stage1.weight_ema, stage1.lr_schedule) == (0.99, "cosine")  # reach the training run
     with pytest.raises(ValueError, match="--tokenizer-lr-schedule 'step' is unknown"):  # a budget file's value
         budget_for("quick", "image", {"tokenizer_lr_schedule": "step"})
+    # The standard budget's image tokenizers cool down (measured on held-out images); text keeps the constant rate.
+    standard = budgets.tokenizer_arguments(budget_for("standard", "image"), "vqvae", "digits", "image", 0, "none",
+                                           tmp_path, None)
+    assert standard.lr_schedule == "cooldown" and standard.cooldown_steps is None  # a fifth of the fitted steps
+    assert budget_for("standard", "text").tokenizer_lr_schedule == "constant"
 
 
 @pytest.mark.parametrize("flags, message", [

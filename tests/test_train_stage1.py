@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from stage1_tokenizer import TOKENIZER_PRESETS, VQModel
+from stage1_tokenizer.arguments import TokenizerTrainingArguments
 from stage1_tokenizer.train import cli, learning_rate_factor
 from stage1_tokenizer.train_utils import LogWindow
 
@@ -212,6 +213,20 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     expected = [0.5, 1.0, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(math.pi / 4)) / 2, 0.0, 0.0]
     assert cosine == pytest.approx(expected, abs=1e-12)
     assert learning_rate_factor(0, "cosine", 0, 1) == 1.0
+
+
+def test_cooldown_schedule_holds_then_falls_linearly_to_zero():
+    # 10 steps, the last 4 cooling down: 1 through step 5, then 4/4 ... 1/4 of the peak, 0 from step 10 on.
+    assert [learning_rate_factor(step, "cooldown", 0, 10, 4) for step in range(12)] == pytest.approx(
+        [1.0] * 7 + [0.75, 0.5, 0.25, 0.0, 0.0], abs=1e-12)
+    # The default cooldown is the last fifth; a warm-up comes first as for the cosine.
+    assert [learning_rate_factor(step, "cooldown", 2, 10) for step in (0, 1, 7, 8, 9)] == pytest.approx(
+        [0.5, 1.0, 1.0, 1.0, 0.5], abs=1e-12)
+
+
+def test_cooldown_steps_are_checked():
+    with pytest.raises(ValueError, match="--cooldown-steps must be >= 1, got 0"):
+        TokenizerTrainingArguments(max_steps=4, output_dir="unused", cooldown_steps=0)
 
 
 def test_the_schedules_learning_rate_is_the_one_the_optimizer_uses(train, tmp_path):
