@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from stage1_tokenizer.arguments import TokenizerTrainingArguments  # noqa: E402
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS, VQConfig  # noqa: E402
 from stage1_tokenizer.data import ImageDataset, load_split  # noqa: E402
-from stage1_tokenizer.losses import _unit_channels  # noqa: E402
+from stage1_tokenizer.losses import unit_channel_distance  # noqa: E402
 from stage1_tokenizer.train import build_models, train_step  # noqa: E402
 from stage1_tokenizer.train_utils import NonFiniteGuard, mixed_precision_mode, tune_allocator  # noqa: E402
 
@@ -56,7 +56,7 @@ def concatenated_perceptual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
         h = layer(h)
         if index in self.taps:
             fx, fy = h.chunk(2)
-            total = total + (_unit_channels(fx.float()) - _unit_channels(fy.float())).pow(2).sum(1).mean()
+            total = total + unit_channel_distance(fx, fy)  # fy is in the graph here: the autograd formulation
     return total
 
 

@@ -126,7 +126,7 @@ class VQModel(PreTrainedModel):
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.config.codebook_size):
             raise ValueError(f"indices must lie in [0, {self.config.codebook_size - 1}]")
         device = self.quantizer.embedding.weight.device
-        codes = self.quantizer.lookup(indices.to(device)).movedim(-1, 1).contiguous()  # (B, D, *grid), as in forward
+        codes = self.quantizer.lookup(indices.to(device)).movedim(-1, 1)  # (B, D, *grid)
         return self.decoder(codes)
 
     @torch.no_grad()

@@ -125,7 +125,10 @@ class Decoder(nn.Module):
         self.conv_out = conv(current, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.up(self.mid(self.conv_in(z)))
+        # Code vectors arrive with channel-last strides (the quantizer's and lookup's movedim); kept, they would make
+        # every convolution after them, and so the GroupNorms, run channels-last, where CPU GroupNorm's backward is
+        # several times slower (README, Performance).
+        h = self.up(self.mid(self.conv_in(z.contiguous())))
         return self.conv_out(F.silu(self.norm_out(h)))
 
     @property

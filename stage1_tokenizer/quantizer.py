@@ -180,9 +180,7 @@ class VectorQuantizer(nn.Module):
             if self.training:
                 self._track_and_update(flat.detach(), indices, counts)
 
-        # contiguous: the channel-last strides of movedim would make the decoder's convolutions and GroupNorms run
-        # channels-last, where CPU GroupNorm's backward is several times slower (README, Performance)
-        quantized = routed.reshape(moved.shape).movedim(-1, 1).to(input_dtype).contiguous()
+        quantized = routed.reshape(moved.shape).movedim(-1, 1).to(input_dtype)
         return QuantizerOutput(
             quantized=quantized,
             indices=indices.reshape(moved.shape[:-1]),

@@ -107,8 +107,8 @@ def test_objective_conv_nets_are_channels_last_and_autoencoder_is_not():
 
 
 def test_decoder_activations_stay_channels_first():
-    # The quantizer moves the code dimension last and back; without .contiguous() its output keeps channel-last
-    # strides, and the whole decoder then runs channels-last, where CPU GroupNorm is several times slower.
+    # The quantizer and the code lookup move the code dimension last and back, which leaves channel-last strides;
+    # unless the decoder makes its input contiguous, it then runs channels-last, where CPU GroupNorm is slower.
     model = VQModel(tiny_vqgan()).train()
     seen = []
     for module in model.decoder.modules():
