@@ -56,6 +56,20 @@ def with_defaults(arguments, defaults: dict):
 # The autoencoder's learning-rate schedules (`--lr-schedule`; stage1_tokenizer.train.learning_rate_factor).
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 
+def read_config_fields(config: str, fields_of: str = "VQConfig") -> dict:
+    """--config: a JSON object inline (`'{"codebook_size": 1024}'`) or the path of a JSON file (a config.json)."""
+    inline = config.lstrip().startswith("{")
+    if not inline and not Path(config).is_file():
+        raise ValueError(f"--config {config!r} is neither a JSON object nor an existing file")
+    try:
+        fields = json.loads(config if inline else Path(config).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config {'value' if inline else repr(config)} is not valid JSON: {error}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--config must hold a JSON object of {fields_of} fields, got {type(fields).__name__}")
+    return fields
+
+
 @dataclass
 class TokenizerTrainingArguments:
     """Stage 1: train a VQ-VAE or VQGAN tokenizer."""

@@ -13,7 +13,7 @@ from accelerate.utils import set_seed
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from .arguments import TokenizerTrainingArguments, parse_arguments, save_arguments
+from .arguments import TokenizerTrainingArguments, parse_arguments, read_config_fields, save_arguments
 from .configuration import GAN_RECIPES, VQConfig
 from .data import (
     DataError,
@@ -60,20 +60,6 @@ def build_config(args, in_channels: int | None, class_names: list[str] | None) -
     recipe = GAN_RECIPES[args.gan_recipe] if args.gan_recipe else {}
     fields = read_config_fields(args.config) if args.config else {}
     return VQConfig.from_preset(args.preset, **{**recipe, **fields, **overrides})
-
-
-def read_config_fields(config: str) -> dict:
-    """--config: a JSON object inline (`'{"codebook_size": 1024}'`) or the path of a JSON file (a config.json)."""
-    inline = config.lstrip().startswith("{")
-    if not inline and not Path(config).is_file():
-        raise ValueError(f"--config {config!r} is neither a JSON object nor an existing file")
-    try:
-        fields = json.loads(config if inline else Path(config).read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--config {'value' if inline else repr(config)} is not valid JSON: {error}") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"--config must hold a JSON object of VQConfig fields, got {type(fields).__name__}")
-    return fields
 
 
 def build_datasets(args, config: VQConfig, train_split):

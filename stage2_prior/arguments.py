@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from stage1_tokenizer.arguments import check_finite, check_positive, described, with_defaults
+from stage1_tokenizer.arguments import check_finite, check_positive, described, read_config_fields, with_defaults
 from stage1_tokenizer.data import BUILTIN_DATASETS
 
-from .modeling import PRIOR_PRESETS
+from .modeling import PRIOR_PRESETS, PRIOR_SHAPE_FIELDS, check_prior_shape
 
 
 @dataclass
@@ -21,6 +21,9 @@ class PriorTrainingArguments:
     dataset: str = field(default="digits",
                          metadata=described(f"Hub name, local folder, or a built-in: {BUILTIN_DATASETS}"))
     preset: str = field(default="tiny", metadata=described("size preset", choices=sorted(PRIOR_PRESETS)))
+    config: str | None = field(default=None, metadata=described(
+        "the prior's shape over the preset's, a JSON object or file of " + ", ".join(PRIOR_SHAPE_FIELDS)
+        + " (e.g. '{\"num_hidden_layers\": 2}')"))
     class_conditional: bool = field(default=False, metadata=described("condition on the data set's labels"))
     resume: bool = field(default=False, metadata=described("continue from the newest intact checkpoint"))
     seed: int = 0
@@ -74,6 +77,11 @@ class PriorTrainingArguments:
             raise ValueError(f"--weight-ema must be in (0, 1), got {self.weight_ema}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"--label-dropout must be in [0, 1), got {self.label_dropout}")
+        self.shape()  # a bad --config fails here, before any data is read
+
+    def shape(self) -> dict:
+        """The model fields --config changes (empty without one)."""
+        return check_prior_shape(read_config_fields(self.config, "prior shape")) if self.config else {}
 
     def resolved(self) -> "PriorTrainingArguments":
         """A copy with the preset's training defaults in place of None."""

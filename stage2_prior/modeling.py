@@ -81,12 +81,31 @@ def training_attention(device: torch.device) -> str:
     return "sdpa" if device.type == "cuda" else "eager"
 
 
+# The Llama fields a preset sets and `--config` may change.
+PRIOR_SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_prior_shape(shape: dict) -> dict:
+    """A prior's `--config`: some of PRIOR_SHAPE_FIELDS, each a positive integer."""
+    unknown = sorted(set(shape) - set(PRIOR_SHAPE_FIELDS))
+    if unknown:
+        raise ValueError(f"--config: {unknown} are not prior shape fields; expected some of {list(PRIOR_SHAPE_FIELDS)}")
+    for name, value in shape.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--config: {name} must be a positive integer, got {value!r}")
+    return shape
+
+
 def build_prior(preset: str, layout: TokenLayout, **overrides) -> LlamaForCausalLM:
-    """A freshly initialised Llama-style prior sized by `preset` for this token layout."""
+    """A freshly initialised Llama-style prior sized by `preset` (and shape overrides) for this token layout."""
     if preset not in PRIOR_PRESETS:
         raise ValueError(f"preset={preset!r} is unknown; expected one of {list(PRIOR_PRESETS)}")
     fields = dict(PRIOR_PRESETS[preset]["model"])
     fields.update(overrides)
+    width, heads = fields["hidden_size"], fields["num_attention_heads"]
+    if width % heads or (width // heads) % 2:
+        raise ValueError(f"hidden_size {width} must split into num_attention_heads {heads} heads of an even size "
+                         "(rotary position embeddings rotate pairs of channels)")
     config = LlamaConfig(
         vocab_size=layout.vocab_size,
         max_position_embeddings=layout.num_codes + 1,

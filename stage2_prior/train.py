@@ -153,7 +153,8 @@ def main(args: PriorTrainingArguments) -> None:
 
     batch_size = args.batch_size
     attention = training_attention(accelerator.device) if args.attention == "auto" else args.attention
-    prior = build_prior(args.preset, layout, attn_implementation=attention)
+    shape = args.shape()
+    prior = build_prior(args.preset, layout, attn_implementation=attention, **shape)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=args.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, **fused_optimizer(accelerator.device))
     # The cosine spans --decay-steps (default --max-steps); fix it to extend a run later bit-identically.
@@ -175,6 +176,8 @@ def main(args: PriorTrainingArguments) -> None:
     step = 0
     identity = {"dataset": args.dataset, "preset": args.preset, "class_conditional": conditional,
                 "tokenizer_sha256": file_sha256(Path(args.tokenizer) / "model.safetensors"), "layout": dataclasses.asdict(layout)}
+    if shape:  # runs without --config keep the identity they were started with
+        identity["shape"] = shape
     check_run_identity(output_dir, identity, args.resume, accelerator.is_main_process)
     logger = MetricsLogger(output_dir, accelerator.is_main_process)
     checkpoint_dir = output_dir / "checkpoints"
@@ -195,7 +198,8 @@ def main(args: PriorTrainingArguments) -> None:
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     every = {k: getattr(args, k) for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
     class_names = class_names if conditional else None
-    metadata = {"dataset": args.dataset, "prior_preset": args.preset, "train_steps": args.max_steps, "seed": args.seed}
+    metadata = {"dataset": args.dataset, "prior_preset": args.preset, "prior_shape": shape, "train_steps": args.max_steps,
+                "seed": args.seed}
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="prior", dynamic_ncols=True)
     prior.train()

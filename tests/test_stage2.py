@@ -88,6 +88,34 @@ def test_build_prior_fits_layout():
         build_prior("enormous", layout)
 
 
+def test_build_prior_takes_shape_overrides_and_refuses_shapes_rotary_cannot_use():
+    layout = TokenLayout(codebook_size=32, num_classes=4, num_codes=9)
+    prior = build_prior("tiny", layout, num_hidden_layers=3, hidden_size=96, num_attention_heads=6)
+    assert (len(prior.model.layers), prior.config.hidden_size, prior.config.num_key_value_heads) == (3, 96, 6)
+    with pytest.raises(ValueError, match="heads of an even size"):
+        build_prior("tiny", layout, hidden_size=96, num_attention_heads=5)  # 96 / 5 is not whole
+    with pytest.raises(ValueError, match="heads of an even size"):
+        build_prior("tiny", layout, hidden_size=36, num_attention_heads=4)  # heads of 9 channels
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('{"hidden_size": 64, "rope_theta": 10}', "['rope_theta'] are not prior shape fields"),
+    ('{"num_hidden_layers": 0}', "num_hidden_layers must be a positive integer, got 0"),
+    ('{"num_hidden_layers": 2.5}', "num_hidden_layers must be a positive integer, got 2.5"),
+    ("list.json", "JSON object of prior shape fields, got list"),
+    ("no-such-file.json", "neither a JSON object nor an existing file"),
+])
+def test_prior_config_is_checked_before_anything_runs(tmp_path, capsys, monkeypatch, config, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.json").write_text("[2]")
+    with pytest.raises(SystemExit) as stop:
+        prior_train.cli(["--tokenizer", str(tmp_path), "--max-steps", "2", "--output-dir", str(tmp_path / "out"),
+                         "--config", config])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in error, error
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("temperature", [0, 1.0], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-cfg", "cfg"])
@@ -509,6 +537,22 @@ def test_train_cli_bad_input_exits_2(pipeline_tokenizer_dir, code_cache_dir, tmp
         _train(pipeline_tokenizer_dir, code_cache_dir, tmp_path / "empty", "--max-steps", "2", "--resume")
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and error.startswith("error: --resume") and "no checkpoint" in error
+
+
+def test_config_shapes_the_saved_prior_and_a_resume_must_keep_it(pipeline_tokenizer_dir, code_cache_dir, tmp_path,
+                                                                   capsys, fresh_accelerate_state):
+    run = tmp_path / "run"
+    _train(pipeline_tokenizer_dir, code_cache_dir, run, "--max-steps", "4", "--mixed-precision", "no",
+           "--config", '{"num_hidden_layers": 1, "hidden_size": 32}')
+    pipe = VQPipeline.from_pretrained(run)
+    assert (len(pipe.prior.model.layers), pipe.prior.config.hidden_size) == (1, 32)
+    assert pipe.metadata["prior_shape"] == {"num_hidden_layers": 1, "hidden_size": 32}
+    fresh_accelerate_state()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        _train(pipeline_tokenizer_dir, code_cache_dir, run, "--max-steps", "8", "--mixed-precision", "no", "--resume")
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and "was started with other settings (shape:" in error, error
 
 
 def test_resume_with_another_tokenizer_is_refused(pipeline_tokenizer_dir, code_cache_dir, tmp_path, capsys,
