@@ -175,7 +175,8 @@ def main(args: PriorTrainingArguments) -> None:
 
     step = 0
     identity = {"dataset": args.dataset, "preset": args.preset, "class_conditional": conditional,
-                "tokenizer_sha256": file_sha256(Path(args.tokenizer) / "model.safetensors"), "layout": dataclasses.asdict(layout)}
+                "tokenizer_sha256": file_sha256(Path(args.tokenizer) / "model.safetensors"),
+                "layout": dataclasses.asdict(layout)}
     if shape:  # runs without --config keep the identity they were started with
         identity["shape"] = shape
     check_run_identity(output_dir, identity, args.resume, accelerator.is_main_process)
