@@ -90,7 +90,7 @@ BUDGETS: dict[str, Budget] = {
     # decay to 0 over the last 200 of 1,200 steps improved FD-classifier in 5 of 6 paired runs, PSNR in all 6
     # (README, "A cooldown for the tokenizer"). The tokenizers train at batch 16 for twice the steps of batch 32:
     # the VQGAN's step costs half as much (its minutes stay within 5%), and on held-out images 2,400 steps at 16
-    # against 1,200 at 32 cut reconstruction FD-classifier from 1.68 / 1.66 / 2.18 to 1.14 / 0.95 / ... (VQGAN
+    # against 1,200 at 32 cut reconstruction FD-classifier from 1.68 / 1.66 / 2.18 to 1.14 / 0.95 / 1.46 (VQGAN
     # seeds 2, 3, 1) and from 4.66 to 2.92 (VQ-VAE) (README, "The tokenizer's batch size").
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=4800, tokenizer_batch=16, disc_start=1600,
                        prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
