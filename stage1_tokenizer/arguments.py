@@ -56,6 +56,7 @@ def with_defaults(arguments, defaults: dict):
 # The autoencoder's learning-rate schedules (`--lr-schedule`; stage1_tokenizer.train.learning_rate_factor).
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 
+
 def read_config_fields(config: str, fields_of: str = "VQConfig") -> dict:
     """--config: a JSON object inline (`'{"codebook_size": 1024}'`) or the path of a JSON file (a config.json)."""
     inline = config.lstrip().startswith("{")

@@ -199,8 +199,8 @@ def main(args: PriorTrainingArguments) -> None:
     guard = NonFiniteGuard(args.max_nonfinite, accelerator)
     every = {k: getattr(args, k) for k in ("log_every", "eval_every", "sample_every", "checkpoint_every")}
     class_names = class_names if conditional else None
-    metadata = {"dataset": args.dataset, "prior_preset": args.preset, "prior_shape": shape, "train_steps": args.max_steps,
-                "seed": args.seed}
+    metadata = {"dataset": args.dataset, "prior_preset": args.preset, "prior_shape": shape,
+                "train_steps": args.max_steps, "seed": args.seed}
     progress = tqdm(total=args.max_steps, initial=step, disable=not accelerator.is_local_main_process,
                     desc="prior", dynamic_ncols=True)
     prior.train()
