@@ -59,7 +59,7 @@ ROWS: dict[str, dict] = {
     # leaves them anywhere inside its margin, where the common offset puts them).
     "vanilla D loss, weight 0.01": {**HINGE_001, "disc_objective": "vanilla"},
     "vanilla D loss, weight 0.01, no centring": {**HINGE_001, "disc_objective": "vanilla", "disc_centring_weight": 0.0},
-    # The default between the hinge's two terms (README, "A third run" and "A fourth run").
+    # The default between the hinge's two terms (docs/studies.md, "A third run" and "A fourth run").
     "vanilla D loss, weight 0.0075": {**HINGE_001, "disc_objective": "vanilla", "disc_weight": 0.0075},
     "fixed weight 0.02": WEIGHT_002,
     # Around the previous default (weight 0.02): ways to strengthen the discriminator instead of weakening its term.

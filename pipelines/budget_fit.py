@@ -27,7 +27,7 @@ from .budgets import Budget
 
 # What a training run costs beyond the probe's steps (data loading, logging, checkpoints, previews and evaluations,
 # the prior's code cache). The standard compare on the bf16 machine trained in 1.11x the probe's prediction
-# (30.7 min against 27.7; README, standard results); 1.15 leaves a little room.
+# (30.7 min against 27.7; docs/studies.md, the Fashion-MNIST runs); 1.15 leaves a little room.
 OVERHEAD = 1.15
 STEP_ROUNDING = 50  # fitted step counts are multiples of this
 

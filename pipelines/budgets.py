@@ -83,15 +83,15 @@ BUDGETS: dict[str, Budget] = {
                     prior_preset="tiny", prior_steps=1500, prior_batch=32, num_eval_samples=360, guidance_scale=2.0),
     # Fashion-MNIST (32x32 -> 8x8 codes) within 45 minutes on 2 CPU cores: the budget study's best measured point
     # (held-out data: 6,000 prior steps beat 3,000), its steps scaled down to 34 training minutes on machines too
-    # slow for it (README: standard budget): the evaluation takes 4-9 more minutes (AMX / AVX512-BF16 machines), and
+    # slow for it (README: Results): the evaluation takes 4-9 more minutes (AMX / AVX512-BF16 machines), and
     # the whole compare must end within 45. Guidance 1.5: the best held-out FD-classifier after 3,000 prior steps
-    # (three runs) and after 6,000 (scales 1.25, 1.5, 2.0). The tokenizers cool down over their last fifth: on
-    # held-out images the last weights at a constant rate jitter (the background's level most), and a linear
-    # decay to 0 over the last 200 of 1,200 steps improved FD-classifier in 5 of 6 paired runs, PSNR in all 6
-    # (README, "A cooldown for the tokenizer"). The tokenizers train at batch 16 for twice the steps of batch 32:
-    # the VQGAN's step costs half as much (its minutes stay within 5%), and on held-out images 2,400 steps at 16
-    # against 1,200 at 32 cut reconstruction FD-classifier from 1.68 / 1.66 / 2.18 to 1.14 / 0.95 / 1.46 (VQGAN
-    # seeds 2, 3, 1) and from 4.66 to 2.92 (VQ-VAE) (README, "The tokenizer's batch size").
+    # (three runs) and after 6,000 (scales 1.25, 1.5, 2.0). The tokenizers cool down over their last fifth: on held-out
+    # images the last weights at a constant rate jitter (the background's level most), and a linear decay to 0 over the
+    # last 200 of 1,200 steps improved FD-classifier in 5 of 6 paired runs, PSNR in all 6 (docs/studies.md, "A cooldown
+    # for the tokenizer"). The tokenizers train at batch 16 for twice the steps of batch 32: the VQGAN's step costs half
+    # as much (its minutes stay within 5%), and on held-out images 2,400 steps at 16 against 1,200 at 32 cut
+    # reconstruction FD-classifier from 1.68 / 1.66 / 2.18 to 1.14 / 0.95 / 1.46 (VQGAN seeds 2, 3, 1) and from 4.66 to
+    # 2.92 (VQ-VAE) (docs/studies.md, "The tokenizer's batch size").
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=4800, tokenizer_batch=16, disc_start=1600,
                        prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
                        guidance_scale=1.5, prior_compile=True, tokenizer_lr_schedule="cooldown", train_minutes=34),
@@ -107,7 +107,7 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # Text: 5,000 prior steps over 16 cuts of the training text (unlabelled text; held-out study on
     # tiny-shakespeare's validation split: 4.89 bits per code and samples at 1.14x the real 5-gram perplexity,
     # against 5.76 bits and 2.07x after 1,000 steps over one cut). Guidance 3: on SST-2's validation split it
-    # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (README, Text).
+    # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (docs/studies.md, Text).
     # Fitted to the image budget's training minutes (38 when measured): on a CPU with AVX512-BF16 but no AMX
     # these steps would train for about 49 minutes (README, Text).
     # Text tokenizers keep batch 32 and the constant rate: the batch-16 and cooldown studies were on images only.

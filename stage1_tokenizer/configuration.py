@@ -47,12 +47,11 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
         text=dict(channel_mult=(1, 2), base_channels=64, seq_len=128, codebook_size=1024),
         train=dict(batch_size=64, learning_rate=4e-4, disc_learning_rate=4e-4, log_every=25,
                    sample_every=500, checkpoint_every=500, adam_beta1=0.5, adam_beta2=0.9),
-        # Image VQ-VAEs: the autoencoder's Adam at LlamaGen's betas, not taming's (0.5, 0.9). On held-out
-        # Fashion-MNIST at the fitted standard budget (1,200 steps) its reconstructions' FD-classifier fell from
-        # 6.95 and 6.70 to 4.20 and 4.65 (seeds 0, 1; README, Results: Fashion-MNIST): with beta1 0.5 the last
-        # weights jitter (the background sits 0.023 above black, against 0.015). The VQGAN, whose GAN recipe was
-        # tuned with taming's betas, showed no clear change (2.11 -> 2.62, within its run-to-run spread), and text
-        # was not measured.
+        # Image VQ-VAEs: the autoencoder's Adam at LlamaGen's betas, not taming's (0.5, 0.9). On held-out Fashion-MNIST
+        # at the fitted standard budget (1,200 steps) its reconstructions' FD-classifier fell from 6.95 and 6.70 to 4.20
+        # and 4.65 (seeds 0, 1; docs/studies.md, the tokenizer's optimizer): with beta1 0.5 the last weights jitter (the
+        # background sits 0.023 above black, against 0.015). The VQGAN, whose GAN recipe was tuned with taming's betas,
+        # showed no clear change (2.11 -> 2.62, within its run-to-run spread), and text was not measured.
         image_train=dict(vqvae=dict(adam_beta1=0.9, adam_beta2=0.95)),
     ),
     # A GPU-sized model for 64x64+ images (taming's f=8 configuration, narrower).
@@ -71,11 +70,11 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 
 # Named adversarial recipes: VQConfig fields set together by `--gan-recipe`. "taming" reproduces
 # taming-transformers (BatchNorm PatchGAN scored on real and fake batches in separate calls, trained only from
-# disc_start, adaptive weight clamped at 1e4); "vqgen" is the default, chosen by the ablation in the README
+# disc_start, adaptive weight clamped at 1e4); "vqgen" is the default, chosen by the ablation in docs/studies.md
 # (Stage 1, "The VQGAN's discriminator"). Its hinge loss at fixed weight 0.01 was the default before the logistic
 # loss at 0.0075, and is again: on held-out Fashion-MNIST over four seeds (1,200 steps) the logistic loss's
 # discriminator separated better (AUC 0.77-0.79 against 0.71) but its reconstructions' FD-classifier was worse on
-# three (median 3.41 against 1.76; README, "A fourth run").
+# three (median 3.41 against 1.76; docs/studies.md, "A fourth run").
 GAN_RECIPES: dict[str, dict[str, Any]] = {
     "taming": dict(disc_norm="batch", disc_init="dcgan", disc_spectral_norm=False, disc_blur=False,
                    disc_train_start=None, gan_weighting="adaptive", disc_weight=0.8, adaptive_weight_max=1e4,
