@@ -113,8 +113,8 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
                                            tmp_path, None)
     assert standard.lr_schedule == "cooldown" and standard.cooldown_steps is None  # a fifth of the fitted steps
     assert budget_for("standard", "text").tokenizer_lr_schedule == "constant"
-    # Image tokenizers train at batch 16 for twice batch 32's steps (held-out study); text keeps batch 32.
-    assert (standard.batch_size, standard.max_steps) == (16, 4800)
+    # Image tokenizers train at batch 8 for four times batch 32's steps (held-out study); text keeps batch 32.
+    assert (standard.batch_size, standard.max_steps, standard.disc_start) == (8, 9600, 3200)
     assert budget_for("standard", "text").tokenizer_batch == 32
 
 
