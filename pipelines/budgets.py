@@ -91,9 +91,9 @@ BUDGETS: dict[str, Budget] = {
     # for the tokenizer"). The tokenizers train at batch 8, four times the steps of batch 32 over the same images: on
     # held-out images 2,400 steps at 16 against 1,200 at 32 cut reconstruction FD-classifier from 1.68 / 1.66 / 2.18 to
     # 1.14 / 0.95 / 1.46 (VQGAN seeds 2, 3, 1) and from 4.66 to 2.92 (VQ-VAE), and 4,800 at 8 against 2,400 at 16 from
-    # 1.11 / 0.94 / 1.47 to 0.84 / 0.79 / 1.24 (VQGAN seeds 2, 3, 1) and from 2.89 to 2.66 (VQ-VAE); a VQGAN step at
-    # 8 costs 0.58 of one at 16, so the fit gives the tokenizers a little more of the minutes (docs/studies.md, "The tokenizer's batch
-    # size").
+    # 1.11 / 0.94 / 1.47 to 0.84 / 0.79 / 1.24 (VQGAN seeds 2, 3, 1) and from 2.89 to 2.66 (VQ-VAE); a VQGAN step at 8
+    # costs 0.58 of one at 16, so the fit gives the tokenizers a little more of the minutes (docs/studies.md, "The
+    # tokenizer's batch size").
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=9600, tokenizer_batch=8, disc_start=3200,
                        prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
                        guidance_scale=1.5, prior_compile=True, tokenizer_lr_schedule="cooldown", train_minutes=34),
