@@ -71,7 +71,7 @@ TOKENIZER_PRESETS: dict[str, dict[str, Any]] = {
 # Named adversarial recipes: VQConfig fields set together by `--gan-recipe`. "taming" reproduces
 # taming-transformers (BatchNorm PatchGAN scored on real and fake batches in separate calls, trained only from
 # disc_start, adaptive weight clamped at 1e4); "vqgen" is the default, chosen by the ablation in docs/studies.md
-# (Stage 1, "The VQGAN's discriminator"). Its hinge loss at fixed weight 0.01 was the default before the logistic
+# ("The VQGAN's discriminator"). Its hinge loss at fixed weight 0.01 was the default before the logistic
 # loss at 0.0075, and is again: on held-out Fashion-MNIST over four seeds (1,200 steps) the logistic loss's
 # discriminator separated better (AUC 0.77-0.79 against 0.71) but its reconstructions' FD-classifier was worse on
 # three (median 3.41 against 1.76; docs/studies.md, "A fourth run").
