@@ -41,6 +41,7 @@ MODES = {
     # before the fast paths (taming's three-pass adaptive weight, concatenated perceptual pass, NCHW loss nets).
     "default, taming 3-pass objective": dict(precision="auto", split_backward=False),
     "default, NCHW loss nets": dict(precision="auto", nchw_loss_nets=True),
+    "default, frozen VGG cast at every call": dict(precision="auto", recast_perceptual=True),
     "default, pre-change objective": dict(precision="auto", pre_change=True),
     "fp32 eager, pre-change objective": dict(precision="no", pre_change=True),
 }
@@ -76,6 +77,8 @@ class Mode:
         self.accelerator = Accelerator(mixed_precision=self.precision, cpu=device.type == "cpu")
         train = TOKENIZER_PRESETS[PRESET]["train"]
         torch.manual_seed(0)
+        if spec.get("config"):
+            config = bench_config(**spec["config"])
         self.model, self.objective, self.wrapped_disc, self.optimizers = build_models(
             self.accelerator, config, train["learning_rate"], train["disc_learning_rate"], spec.get("compile", False))
         if spec.get("split_backward") is False or spec.get("pre_change"):
@@ -84,6 +87,9 @@ class Mode:
             self.objective.to(memory_format=torch.contiguous_format)
         if spec.get("pre_change"):
             self.objective.perceptual.forward = types.MethodType(concatenated_perceptual, self.objective.perceptual)
+        if spec.get("recast_perceptual") or spec.get("pre_change"):
+            # Autocast's own per-call casts of the frozen perceptual net's fp32 weights (before the cast-once copy).
+            self.objective.perceptual._autocast_weights = lambda device: None
         self.guard = NonFiniteGuard(20, self.accelerator)
         defaults = TokenizerTrainingArguments(max_steps=1, output_dir="unused")  # train_step's defaults
         self.args = types.SimpleNamespace(grad_clip=defaults.grad_clip, disc_grad_clip=defaults.disc_grad_clip)
@@ -154,8 +160,21 @@ def load_batches(batch_size: int, count: int, device: torch.device, seed: int = 
     return batches
 
 
-def bench_config() -> VQConfig:
-    return VQConfig.from_preset(PRESET, variant="vqgan", disc_start=0, perceptual_backend="random-vgg")
+def bench_config(**changes) -> VQConfig:
+    return VQConfig.from_preset(PRESET, **{"variant": "vqgan", "disc_start": 0, "perceptual_backend": "random-vgg",
+                                           **changes})
+
+
+def config_mode(changes: str | None) -> str | None:
+    """Register the --config row (the default path with those VQConfig changes) in MODES; its name, or None."""
+    if not changes:
+        return None
+    parsed = json.loads(changes)
+    if not isinstance(parsed, dict):
+        raise SystemExit(f"--config must be a JSON object of VQConfig fields, got {changes!r}")
+    name = f"default, config {json.dumps(parsed, sort_keys=True)}"
+    MODES[name] = dict(precision="auto", config=parsed)
+    return name
 
 
 def memory_probe(name: str, batch_size: int, steps: int, device_name: str) -> dict:
@@ -178,6 +197,8 @@ def measure_memory(names: list[str], args) -> dict[str, dict]:
     for name in names:
         command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--batch-size",
                    str(args.batch_size), "--device", args.device, "--threads", str(torch.get_num_threads())]
+        if args.config:
+            command += ["--config", args.config]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode != 0 or not lines:
@@ -190,6 +211,7 @@ def measure_memory(names: list[str], args) -> dict[str, dict]:
 def main(args: argparse.Namespace) -> None:
     tune_allocator()  # as both training scripts do
     device = pick_device(args.device)
+    extra = config_mode(args.config)
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.batch_size, 2, args.device)))
         return
@@ -197,8 +219,11 @@ def main(args: argparse.Namespace) -> None:
     if mixed_precision_mode("auto") == "no" or args.ablations:
         names.append("bf16 autocast (forced)")
     if args.ablations:
-        names += ["default, taming 3-pass objective", "default, NCHW loss nets", "default, pre-change objective",
+        names += ["default, taming 3-pass objective", "default, NCHW loss nets",
+                  "default, frozen VGG cast at every call", "default, pre-change objective",
                   "fp32 eager, pre-change objective"]
+    if extra:
+        names.append(extra)
     # fp32 Accelerators first: see Mode.__init__.
     names.sort(key=lambda name: MODES[name]["precision"] != "no")
     env = environment(device)
@@ -290,6 +315,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode peak-memory processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--config", help="also time the default path with these VQConfig changes, a JSON object "
+                                         "(e.g. '{\"perceptual_depth\": 2}')")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_tokenizer.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
