@@ -111,7 +111,7 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # against 5.76 bits and 2.07x after 1,000 steps over one cut). Guidance 3: on SST-2's validation split it
     # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (docs/studies.md, Text).
     # Fitted to the image budget's training minutes (38 when measured): on a CPU with AVX512-BF16 but no AMX
-    # these steps would train for about 49 minutes (README, Text).
+    # these steps would train for about 51 minutes (README, Text).
     # Text tokenizers keep batch 32 and the constant rate: the batch and cooldown studies were on images only.
     "standard": dict(tokenizer_steps=3000, tokenizer_batch=32, disc_start=1000, prior_steps=5000,
                      prior_window_offsets=16, guidance_scale=3.0, tokenizer_lr_schedule="constant"),
