@@ -41,7 +41,6 @@ MODES = {
     # before the fast paths (taming's three-pass adaptive weight, concatenated perceptual pass, NCHW loss nets).
     "default, taming 3-pass objective": dict(precision="auto", split_backward=False),
     "default, NCHW loss nets": dict(precision="auto", nchw_loss_nets=True),
-    "default, frozen VGG cast at every call": dict(precision="auto", recast_perceptual=True),
     "default, pre-change objective": dict(precision="auto", pre_change=True),
     "fp32 eager, pre-change objective": dict(precision="no", pre_change=True),
 }
@@ -87,9 +86,6 @@ class Mode:
             self.objective.to(memory_format=torch.contiguous_format)
         if spec.get("pre_change"):
             self.objective.perceptual.forward = types.MethodType(concatenated_perceptual, self.objective.perceptual)
-        if spec.get("recast_perceptual") or spec.get("pre_change"):
-            # Autocast's own per-call casts of the frozen perceptual net's fp32 weights (before the cast-once copy).
-            self.objective.perceptual._autocast_weights = lambda device: None
         self.guard = NonFiniteGuard(20, self.accelerator)
         defaults = TokenizerTrainingArguments(max_steps=1, output_dir="unused")  # train_step's defaults
         self.args = types.SimpleNamespace(grad_clip=defaults.grad_clip, disc_grad_clip=defaults.disc_grad_clip)
@@ -219,8 +215,7 @@ def main(args: argparse.Namespace) -> None:
     if mixed_precision_mode("auto") == "no" or args.ablations:
         names.append("bf16 autocast (forced)")
     if args.ablations:
-        names += ["default, taming 3-pass objective", "default, NCHW loss nets",
-                  "default, frozen VGG cast at every call", "default, pre-change objective",
+        names += ["default, taming 3-pass objective", "default, NCHW loss nets", "default, pre-change objective",
                   "fp32 eager, pre-change objective"]
     if extra:
         names.append(extra)

@@ -75,41 +75,18 @@ class RandomVGGPerceptualLoss(nn.Module):
         self.features = features.eval().requires_grad_(False)
         self.register_buffer("shift", _SHIFT.clone(), persistent=False)
         self.register_buffer("scale", _SCALE.clone(), persistent=False)
-        self._cast_weights: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def train(self, mode: bool = True) -> "RandomVGGPerceptualLoss":
         return super().train(False)  # fixed feature network: always in eval mode
-
-    def _autocast_weights(self, device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
-        """The convolutions' weights and biases in autocast's dtype, cast once per device and dtype; None outside
-        autocast. Autocast caches only casts of weights that require grad, so a frozen network's would be cast
-        again at every call: twice a training step (target and reconstruction). The same values either way."""
-        if not torch.is_autocast_enabled(device.type):
-            return None
-        dtype = torch.get_autocast_dtype(device.type)
-        key = (device, dtype)
-        if key not in self._cast_weights:
-            self._cast_weights[key] = {
-                index: (layer.weight.to(device, dtype), layer.bias.to(device, dtype))
-                for index, layer in enumerate(self.features) if isinstance(layer, nn.Conv2d)}
-        return self._cast_weights[key]
-
-    def _apply(self, fn, recurse: bool = True):
-        self._cast_weights.clear()  # .to() / .float() / .cuda(): cast again from the weights as they now are
-        return super()._apply(fn, recurse)
 
     def tap_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The feature maps at each tap (as the network computed them) for images (B, 1 or 3, H, W) in [-1, 1]."""
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         h = (images - self.shift) / self.scale
-        cast = self._autocast_weights(h.device)
         features = []
         for index, layer in enumerate(self.features):
-            if cast is not None and index in cast:
-                h = F.conv2d(h, *cast[index], layer.stride, layer.padding, layer.dilation, layer.groups)
-            else:
-                h = layer(h)
+            h = layer(h)
             if index in self.taps:
                 features.append(h)
         return features
