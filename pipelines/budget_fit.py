@@ -42,6 +42,11 @@ class StepSeconds:
     prior_compile: float = 0.0  # seconds of torch.compile, paid once by each prior (budget.prior_compile)
 
 
+def fastest(a: StepSeconds, b: StepSeconds) -> StepSeconds:
+    """Each job's faster timing of two probes (another process only ever slows a step down)."""
+    return StepSeconds(**{f.name: min(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
+
+
 def predicted_training_seconds(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD) -> float:
     """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound), plus each
     prior's compilation."""
