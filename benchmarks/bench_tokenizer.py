@@ -22,7 +22,7 @@ from _common import (
 import torch  # noqa: E402  (after _common put the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from stage1_tokenizer.arguments import TokenizerTrainingArguments  # noqa: E402
+from stage1_tokenizer.arguments import TokenizerTrainingArguments, read_config_fields  # noqa: E402
 from stage1_tokenizer.configuration import TOKENIZER_PRESETS, VQConfig  # noqa: E402
 from stage1_tokenizer.data import ImageDataset, load_split  # noqa: E402
 from stage1_tokenizer.losses import unit_channel_distance  # noqa: E402
@@ -165,9 +165,11 @@ def config_mode(changes: str | None) -> str | None:
     """Register the --config row (the default path with those VQConfig changes) in MODES; its name, or None."""
     if not changes:
         return None
-    parsed = json.loads(changes)
-    if not isinstance(parsed, dict):
-        raise SystemExit(f"--config must be a JSON object of VQConfig fields, got {changes!r}")
+    try:
+        parsed = read_config_fields(changes)
+        bench_config(**parsed)  # an unknown field or a bad value stops here, before any mode is built
+    except ValueError as error:
+        raise SystemExit(f"bench_tokenizer.py: {error}") from None
     name = f"default, config {json.dumps(parsed, sort_keys=True)}"
     MODES[name] = dict(precision="auto", config=parsed)
     return name
@@ -310,8 +312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-mode peak-memory processes")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--config", help="also time the default path with these VQConfig changes, a JSON object "
-                                         "(e.g. '{\"perceptual_depth\": 2}')")
+    parser.add_argument("--config", help="also time the default path with these VQConfig changes: a JSON object "
+                                         "(e.g. '{\"perceptual_depth\": 2}') or a JSON file, as stage 1's --config")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "bench_tokenizer.json")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

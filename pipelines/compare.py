@@ -158,10 +158,10 @@ def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num
     print(f"timing a few training steps of each stage to fit the budget to {budget.train_minutes:g} min", flush=True)
     in_channels = infer_channels(load_split(dataset, "train", "image")) if arguments.modality == "image" else 1
     seconds = None
+    meter = ThreadGovernor(max_threads=1)  # only its load measurement: what other processes took meanwhile
     for attempt in range(1, FIT_ATTEMPTS + 1):
-        meter = ThreadGovernor(max_threads=1)  # only its load measurement: what other processes took meanwhile
         timed = probe_step_seconds(budget, arguments.modality, in_channels, num_classes, arguments.perceptual)
-        load = meter.measure_other_load()
+        load = meter.measure_other_load()  # since the last measurement: this attempt's
         seconds = timed if seconds is None else fastest(seconds, timed)
         if (load or 0.0) < BUSY_DURING_FIT or attempt == FIT_ATTEMPTS:
             break
@@ -169,8 +169,8 @@ def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num
     fitted, info = fit_budget(budget, seconds)
     info.update(other_load_during_timing=load, timing_attempts=attempt)
     note = describe_fit(budget, fitted, info)
-    if (info["other_load_during_timing"] or 0.0) >= BUSY_DURING_FIT:
-        note += (f"; other processes kept {info['other_load_during_timing']:.1f} cores busy while the steps were "
+    if (load or 0.0) >= BUSY_DURING_FIT:
+        note += (f"; other processes kept {load:.1f} cores busy while the steps were "
                  f"timed, so the fit is smaller than an idle machine's (rerun on a quiet machine with --force)")
     print(f"budget fit: {note}", flush=True)
     record.write_text(json.dumps({"budget": dataclasses.asdict(budget), "fitted": dataclasses.asdict(fitted),
