@@ -4,6 +4,7 @@ metric the design names for both variants and the real-data row, loadable pipeli
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from pipelines import budgets, classifier
 from pipelines.budgets import Budget, CompareArguments, budget_for
 from pipelines.cli import main
 from pipelines.pipeline import VQPipeline
+from stage2_prior.modeling import PRIOR_PRESETS
 
 GENERATION = ("fd_classifier", "kid_mean", "inception_score", "precision", "recall", "class_hist_kl", "class_accuracy")
 RECONSTRUCTION = ("mse", "psnr", "ssim", "fd_classifier", "classifier_accuracy", "codebook_usage", "perplexity")
@@ -116,6 +118,17 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
     # Image tokenizers train at batch 8 for four times batch 32's steps (held-out study); text keeps batch 32.
     assert (standard.batch_size, standard.max_steps, standard.disc_start) == (8, 9600, 3200)
     assert budget_for("standard", "text").tokenizer_batch == 32
+
+
+def test_priors_validate_at_most_a_fixed_number_of_times(tmp_path):
+    def eval_every(**fields):
+        budget = budget_for("standard", "image", fields)
+        return budgets.prior_arguments(budget, tmp_path, "digits", 0, True, tmp_path, None).eval_every
+
+    preset_every = PRIOR_PRESETS["small"]["train"]["eval_every"]
+    assert eval_every(prior_steps=2000) == preset_every  # a short run keeps the preset's interval
+    long_run = eval_every(prior_steps=20000)
+    assert long_run > preset_every and math.ceil(20000 / long_run) <= budgets.PRIOR_VALIDATIONS
 
 
 @pytest.mark.parametrize("flags, message", [
