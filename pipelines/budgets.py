@@ -96,9 +96,12 @@ BUDGETS: dict[str, Budget] = {
     # 1.14 / 0.95 / 1.46 (VQGAN seeds 2, 3, 1) and from 4.66 to 2.92 (VQ-VAE), and 4,800 at 8 against 2,400 at 16 from
     # 1.11 / 0.94 / 1.47 to 0.84 / 0.79 / 1.24 (VQGAN seeds 2, 3, 1) and from 2.89 to 2.66 (VQ-VAE); a VQGAN step at 8
     # costs 0.58 of one at 16, so the fit gives the tokenizers a little more of the minutes (docs/studies.md, "The
-    # tokenizer's batch size").
+    # tokenizer's batch size"). The priors train at batch 8 for 22,000 steps, the minutes of 6,000 at batch 32 (a
+    # compiled step costs 48 against 175 ms): on held-out images, two seeds each, 10,900 steps at 8 against 3,000 at 32
+    # cut sample FD-classifier from 1.42 / 1.42 to 1.30 / 1.30 and KID from 0.067 / 0.064 to 0.040 / 0.035
+    # (docs/studies.md, "The prior's batch size").
     "standard": Budget(tokenizer_preset="small", tokenizer_steps=9600, tokenizer_batch=8, disc_start=3200,
-                       prior_preset="small", prior_steps=6000, prior_batch=32, num_eval_samples=2000,
+                       prior_preset="small", prior_steps=22000, prior_batch=8, num_eval_samples=2000,
                        guidance_scale=1.5, prior_compile=True, tokenizer_lr_schedule="cooldown", train_minutes=34),
     # Sized for one GPU: the `base` presets and tens of thousands of steps (not run on CPU).
     "full": Budget(tokenizer_preset="base", tokenizer_steps=40000, tokenizer_batch=64, disc_start=10000,
@@ -115,8 +118,9 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (docs/studies.md, Text).
     # Fitted to the image budget's training minutes (38 when measured): on a CPU with AVX512-BF16 but no AMX
     # these steps would train for about 51 minutes (README, Text).
-    # Text tokenizers keep batch 32 and the constant rate: the batch and cooldown studies were on images only.
-    "standard": dict(tokenizer_steps=3000, tokenizer_batch=32, disc_start=1000, prior_steps=5000,
+    # Text tokenizers and priors keep batch 32, and the tokenizers the constant rate: the batch and cooldown studies
+    # were on images only.
+    "standard": dict(tokenizer_steps=3000, tokenizer_batch=32, disc_start=1000, prior_steps=5000, prior_batch=32,
                      prior_window_offsets=16, guidance_scale=3.0, tokenizer_lr_schedule="constant"),
 }}
 OVERRIDABLE = tuple(f.name for f in dataclasses.fields(Budget))

@@ -118,6 +118,8 @@ def test_budgets_apply_the_modality_changes_then_the_overrides(tmp_path):
     # Image tokenizers train at batch 8 for four times batch 32's steps (held-out study); text keeps batch 32.
     assert (standard.batch_size, standard.max_steps, standard.disc_start) == (8, 9600, 3200)
     assert budget_for("standard", "text").tokenizer_batch == 32
+    # The image priors train at batch 8 too (held-out study); text priors keep 32.
+    assert (budget_for("standard", "image").prior_batch, budget_for("standard", "text").prior_batch) == (8, 32)
 
 
 def test_priors_validate_at_most_a_fixed_number_of_times(tmp_path):
