@@ -31,6 +31,10 @@ from .budgets import Budget
 # 1.29x with batch-8 priors and tokenizers (38.0 min against 29.4: a batch-8 step leaves more to the loop around it,
 # 56 ms in training against the probe's 48 for the prior, 72 against 56 for the VQ-VAE), so the fit prices that.
 OVERHEAD = 1.3
+# The priors alone, timed again just before they train (refit_prior_steps): fm12's and fm13's priors trained in
+# 1.28x and 1.11x their probe's prediction (compilation, validations, the code cache and the loop around the steps;
+# docs/studies.md, the Fashion-MNIST runs).
+PRIOR_OVERHEAD = 1.2
 STEP_ROUNDING = 50  # fitted step counts are multiples of this
 
 
@@ -76,6 +80,32 @@ def fit_budget(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD)
         disc_start=round(budget.disc_start * tokenizer_steps / budget.tokenizer_steps))
     info.update(scale=scale, fitted_minutes=predicted_training_seconds(fitted, seconds, overhead) / 60)
     return fitted, info
+
+
+def refit_prior_steps(budget: Budget, most_steps: int, seconds_left: float, prior: float, prior_compile: float,
+                      overhead: float = PRIOR_OVERHEAD) -> tuple[Budget, dict]:
+    """`budget` with its priors' steps fitted to the `seconds_left` of the time target after the tokenizers trained,
+    at `prior` seconds per step timed then: the whole run keeps to its target however fast the machine ran meanwhile.
+    At most `most_steps` (the budget's own), at least half the first fit's (a prior needs some steps to be compared
+    at all; the note then says the target is overrun)."""
+    fitted_steps = max(0.0, seconds_left - 2 * prior_compile) / (2 * overhead * prior)
+    floor = _round_steps(budget.prior_steps / 2)
+    steps = min(most_steps, max(floor, _round_steps(fitted_steps)))
+    info = {"seconds_left": seconds_left, "prior_step_seconds": prior, "prior_compile_seconds": prior_compile,
+            "first_fit_prior_steps": budget.prior_steps, "prior_steps": steps,
+            "predicted_minutes": (2 * prior_compile + 2 * overhead * prior * steps) / 60, "at_floor": steps == floor}
+    return dataclasses.replace(budget, prior_steps=steps), info
+
+
+def describe_refit(info: dict) -> str:
+    """One line for the log and the report's settings."""
+    line = (f"priors timed again after the tokenizers ({info['seconds_left'] / 60:.1f} min of the target left, "
+            f"{1000 * info['prior_step_seconds']:.0f} ms per step): {info['first_fit_prior_steps']} -> "
+            f"{info['prior_steps']} steps")
+    if info["at_floor"]:
+        line += (f" (half the first fit, the least a prior gets: their {info['predicted_minutes']:.0f} min predicted "
+                 f"overrun the target)")
+    return line
 
 
 def describe_fit(budget: Budget, fitted: Budget, info: dict) -> str:
@@ -135,18 +165,20 @@ def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, step
     return _time_steps(step, warmup, steps)[0]
 
 
-def _prior_step_seconds(config: VQConfig, preset: str, num_classes: int, batch_size: int, warmup: int,
-                        steps: int, compiled: bool) -> tuple[float, float]:
-    """(seconds per prior step, seconds of compilation: the warm-up's excess over its steps' time)."""
+def probe_prior_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, warmup: int = 3,
+                        steps: int = 8) -> tuple[float, float]:
+    """(seconds per step of `budget`'s prior on this machine, seconds of its compilation: the warm-up's excess over
+    its steps' time)."""
     from stage2_prior.train import code_loss
 
+    config = VQConfig.from_preset(budget.tokenizer_preset, variant="vqvae", modality=modality, in_channels=in_channels)
     num_codes = math.prod(config.latent_shape)
     layout = TokenLayout(config.codebook_size, num_classes, num_codes)
-    prior = build_prior(preset, layout, attn_implementation=training_attention(torch.device("cpu")))
+    prior = build_prior(budget.prior_preset, layout, attn_implementation=training_attention(torch.device("cpu")))
     optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.95))
-    sequence = torch.randint(0, config.codebook_size, (batch_size, num_codes + 1),
+    sequence = torch.randint(0, config.codebook_size, (budget.prior_batch, num_codes + 1),
                              generator=torch.Generator().manual_seed(0))
-
+    compiled = budget.prior_compile
     loss_fn = torch.compile(code_loss) if compiled else code_loss
 
     def step(i: int) -> None:
@@ -168,9 +200,7 @@ def probe_step_seconds(budget: Budget, modality: str, in_channels: int, num_clas
                                     in_channels=in_channels, perceptual_backend=perceptual, disc_start=0)
 
     torch.manual_seed(0)
-    vqvae = config("vqvae")
-    prior, prior_compile = _prior_step_seconds(vqvae, budget.prior_preset, num_classes, budget.prior_batch, warmup,
-                                               steps, budget.prior_compile)
-    return StepSeconds(vqvae=_tokenizer_step_seconds(vqvae, budget.tokenizer_batch, warmup, steps),
+    prior, prior_compile = probe_prior_seconds(budget, modality, in_channels, num_classes, warmup, steps)
+    return StepSeconds(vqvae=_tokenizer_step_seconds(config("vqvae"), budget.tokenizer_batch, warmup, steps),
                        vqgan=_tokenizer_step_seconds(config("vqgan"), budget.tokenizer_batch, warmup, steps),
                        prior=prior, prior_compile=prior_compile)

@@ -176,3 +176,55 @@ def test_a_fit_disturbed_for_a_moment_is_timed_again_and_keeps_the_fastest_steps
     assert fitted == expected and "busy" not in note
     record = json.loads((tmp_path / "budget_fit.json").read_text())
     assert record["timing_attempts"] == 2 and record["other_load_during_timing"] == 0.05
+
+
+def test_the_priors_refit_spends_what_the_tokenizers_left_within_bounds():
+    from pipelines.budget_fit import describe_refit, refit_prior_steps
+
+    fitted = dataclasses.replace(BUDGET, prior_steps=1000)
+    # 100 s left, 2 x 10 s of compilation, 2 priors x 0.01 s per step: 4,000 steps (capped by the budget's own).
+    refitted, info = refit_prior_steps(fitted, 5000, 100.0, 0.01, 10.0, overhead=1.0)
+    assert refitted.prior_steps == 4000 and refitted.tokenizer_steps == fitted.tokenizer_steps
+    assert info["predicted_minutes"] == pytest.approx(100 / 60) and not info["at_floor"]
+    assert "1000 -> 4000 steps" in describe_refit(info) and "overrun" not in describe_refit(info)
+    assert refit_prior_steps(fitted, 3000, 100.0, 0.01, 10.0, overhead=1.0)[0].prior_steps == 3000
+    assert refit_prior_steps(fitted, 5000, 100.0, 0.01, 10.0, overhead=2.0)[0].prior_steps == 2000
+    # Nothing left (the tokenizers overran): half the first fit, and the note says the target is overrun.
+    starved, info = refit_prior_steps(fitted, 5000, -30.0, 0.01, 10.0, overhead=1.0)
+    assert starved.prior_steps == 500 and info["at_floor"] and "overrun the target" in describe_refit(info)
+
+
+def test_compare_times_the_priors_again_after_the_tokenizers_and_keeps_that_fit(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_fit, "probe_step_seconds",
+                        lambda *args, **kwargs: StepSeconds(vqvae=0.01, vqgan=0.02, prior=0.005))
+    arguments = CompareArguments(budget="standard", train_minutes=10, output_dir=str(tmp_path))
+    planned = arguments.resolved_budget()
+    fitted, _ = fitted_budget(arguments, planned, "digits", 10, tmp_path)
+    assert planned.prior_steps / 2 < fitted.prior_steps < planned.prior_steps
+    probes = []
+
+    def probe(*args, seconds=0.01, **kwargs):
+        probes.append(args)
+        return seconds, 0.0
+
+    monkeypatch.setattr(budget_fit, "probe_prior_seconds", probe)
+    # The tokenizers took 241 s of the 600: 359 s left for 2 priors at 0.01 s x 1.2 per step, 14,950 steps.
+    refitted, note = compare.refit_priors(arguments, planned, fitted, "digits", 10, tmp_path, 241.0)
+    assert refitted.prior_steps == 14950 and len(probes) == 1
+    assert dataclasses.replace(refitted, prior_steps=fitted.prior_steps) == fitted  # nothing else moved
+    assert note.startswith("priors timed again after the tokenizers (6.0 min of the target left, 10 ms per step)")
+    record = json.loads((tmp_path / "budget_fit.json").read_text())
+    assert record["prior_refit"]["prior_steps"] == 14950 and record["fitted"] == dataclasses.asdict(fitted)
+    # A rerun that reuses the tokenizers reuses this fit, without timing anything.
+    again, again_note = compare.refit_priors(arguments, planned, fitted, "digits", 10, tmp_path, None)
+    assert again == refitted and again_note == note and len(probes) == 1
+    # Tokenizers that overran the target leave the priors half the first fit.
+    starved, note = compare.refit_priors(arguments, planned, fitted, "digits", 10, tmp_path, 700.0)
+    assert starved.prior_steps == fitted.prior_steps // 100 * 50 and "overrun the target" in note
+    # Explicit steps, or no time target: nothing is refitted or timed.
+    explicit = CompareArguments(budget="standard", train_minutes=10, prior_steps=700, output_dir=str(tmp_path))
+    assert compare.refit_priors(explicit, planned, fitted, "digits", 10, tmp_path, 241.0) == (fitted, None)
+    untimed = CompareArguments(budget="quick", output_dir=str(tmp_path))
+    quick = untimed.resolved_budget()
+    assert compare.refit_priors(untimed, quick, quick, "digits", 10, tmp_path, 241.0) == (quick, None)
+    assert len(probes) == 2

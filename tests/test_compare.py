@@ -37,6 +37,10 @@ def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_b
     main(["compare", "--budget", "quick", *FEW_STEPS, "--output-dir", str(out)])
     first_run = capsys.readouterr().out
     assert "reusing" not in first_run
+    # Both tokenizers train before either prior (the priors' steps may be fitted to the minutes left).
+    stages = [first_run.index(f"== seed 0, {variant}: {stage}")
+              for stage in ("tokenizer", "prior") for variant in ("vqvae", "vqgan")]
+    assert stages == sorted(stages)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["dataset"] == "digits" and metrics["settings"]["class_conditional"] is True
@@ -225,7 +229,9 @@ def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monk
 
     def train():
         trained.clear()
-        compare.train_variant("vqvae", budget, arguments, "digits", True, 0, tmp_path)
+        timings = compare.train_tokenizer("vqvae", budget, arguments, "digits", 0, tmp_path)
+        compare.train_prior("vqvae", budget, arguments, "digits", True, 0, tmp_path,
+                            retrain="tokenizer_seconds" in timings)
         return list(trained)
 
     assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]
