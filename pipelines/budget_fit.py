@@ -6,6 +6,9 @@ The same step counts take 22 minutes on a CPU with native bf16 and about an hour
 training time of the budget, and when that exceeds the target scales the tokenizer's and the prior's steps by
 one factor (and `disc_start` with the tokenizer's). Both variants keep the same steps, so the comparison stays
 fair; a machine fast enough keeps the budget as it is. Step counts given explicitly are never changed.
+
+The first timing sees a few seconds of a machine whose speed may drift, so once both tokenizers have trained,
+`vqgen compare` times the prior's step again and `refit_prior_steps` fits both priors' steps to the minutes left.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from .budgets import Budget
 # 1.29x with batch-8 priors and tokenizers (38.0 min against 29.4: a batch-8 step leaves more to the loop around it,
 # 56 ms in training against the probe's 48 for the prior, 72 against 56 for the VQ-VAE), so the fit prices that.
 OVERHEAD = 1.3
-# The priors alone, timed again just before they train (refit_prior_steps): fm12's and fm13's priors trained in
-# 1.28x and 1.11x their probe's prediction (compilation, validations, the code cache and the loop around the steps;
-# docs/studies.md, the Fashion-MNIST runs).
+# The priors alone, timed again just before they train (refit_prior_steps): two Fashion-MNIST runs' priors trained in
+# 1.28x and 1.11x their first probe's prediction (compilation, validations, the code cache and the loop around the
+# steps; docs/studies.md). Timed again at 1.2x, they took 21.8 of 22.1 predicted minutes (Fashion-MNIST) and 20.2 of
+# 20.8 (MNIST).
 PRIOR_OVERHEAD = 1.2
 STEP_ROUNDING = 50  # fitted step counts are multiples of this
 
