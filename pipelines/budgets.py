@@ -116,8 +116,8 @@ MODALITY_CHANGES: dict[str, dict[str, dict]] = {"text": {
     # tiny-shakespeare's validation split: 4.89 bits per code and samples at 1.14x the real 5-gram perplexity,
     # against 5.76 bits and 2.07x after 1,000 steps over one cut). Guidance 3: on SST-2's validation split it
     # raised sentiment agreement from 72.8% (guidance 2) to 79.4% for 2% more 5-gram perplexity (docs/studies.md, Text).
-    # Fitted to the image budget's training minutes (38 when measured): on a CPU with AVX512-BF16 but no AMX
-    # these steps would train for about 51 minutes (README, Text).
+    # Fitted to the image budget's training minutes: on 2-core CPUs with AVX512-BF16 but no AMX these steps would
+    # train for 51-52 minutes (README, Text).
     # Text tokenizers and priors keep batch 32, and the tokenizers the constant rate: the batch and cooldown studies
     # were on images only.
     "standard": dict(tokenizer_steps=3000, tokenizer_batch=32, disc_start=1000, prior_steps=5000, prior_batch=32,
