@@ -1,7 +1,8 @@
 """`vqgen compare`: train VQ-VAE and VQGAN under one budget, a prior on each, evaluate, judge and report.
 
-The flow runs one way: CompareArguments -> a Budget -> per seed and variant, the stage-1 and stage-2 training
-arguments (run as child processes from JSON files) -> per seed, `evaluate_images` / `evaluate_texts` -> one
+The flow runs one way: CompareArguments -> a Budget (its steps fitted to the machine) -> per seed, both variants'
+stage-1 training arguments, then (the priors' steps fitted again to the minutes left) both stage-2 ones, each run
+as a child process from a JSON file -> per seed, `evaluate_images` / `evaluate_texts` -> one
 CompareResult (means, spreads, intervals, verdict) saved as metrics.json -> the report, which only formats it.
 The first seed's runs live in DIR/tokenizers and DIR/pipelines, further seeds' in DIR/seeds/seed_<n>/.
 """
