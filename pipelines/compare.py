@@ -78,22 +78,31 @@ def seed_folder(output_dir: Path, index: int, seed: int) -> Path:
     return output_dir if index == 0 else output_dir / "seeds" / f"seed_{seed}"
 
 
+def _train_unless_reusable(module: str, run_arguments, folder: Path, settings: dict, done_file: str, what: str,
+                           log_path: Path, force: bool) -> float | None:
+    """Run `module` on `run_arguments` into `folder`, unless (and not `force`) the folder holds a finished run
+    (`done_file`) trained with these `settings`; its wall-clock seconds, or None when reused."""
+    if not force and _reusable(folder, settings, done_file):
+        print(f"reusing the {what} in {folder} (pass --force to retrain)")
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_SETTINGS).unlink(missing_ok=True)
+    start = time.time()
+    _run(module, run_arguments, log_path)
+    (folder / RUN_SETTINGS).write_text(json.dumps(settings))
+    return time.time() - start
+
+
 def train_tokenizer(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, seed: int,
                     root: Path) -> dict:
     """Train (or reuse) one tokenizer under `root`; returns its wall-clock seconds when it trained."""
     tokenizer_dir = root / "tokenizers" / variant
     stage1 = tokenizer_arguments(budget, variant, dataset, arguments.modality, seed, arguments.perceptual,
                                  tokenizer_dir, arguments.threads)
-    settings = tokenizer_settings(stage1)
-    if not arguments.force and _reusable(tokenizer_dir, settings, "model.safetensors"):
-        print(f"reusing the {variant} tokenizer in {tokenizer_dir} (pass --force to retrain)")
-        return {}
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    (tokenizer_dir / RUN_SETTINGS).unlink(missing_ok=True)
-    start = time.time()
-    _run("stage1_tokenizer.train", stage1, root / f"train_tokenizer_{variant}.log")
-    (tokenizer_dir / RUN_SETTINGS).write_text(json.dumps(settings))
-    return {"tokenizer_seconds": time.time() - start}
+    seconds = _train_unless_reusable("stage1_tokenizer.train", stage1, tokenizer_dir, tokenizer_settings(stage1),
+                                     "model.safetensors", f"{variant} tokenizer",
+                                     root / f"train_tokenizer_{variant}.log", arguments.force)
+    return {} if seconds is None else {"tokenizer_seconds": seconds}
 
 
 def train_prior(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, class_conditional: bool,
@@ -104,15 +113,10 @@ def train_prior(variant: str, budget: Budget, arguments: CompareArguments, datas
     stage2 = prior_arguments(budget, tokenizer_dir, dataset, seed, class_conditional, prior_dir, arguments.threads)
     prior_settings = dict(dataclasses.asdict(stage2.resolved()),
                           tokenizer_weights_mtime=(tokenizer_dir / "model.safetensors").stat().st_mtime)
-    if not (arguments.force or retrain) and _reusable(prior_dir, prior_settings, "pipeline_config.json"):
-        print(f"reusing the {variant} prior in {prior_dir} (pass --force to retrain)")
-        return {}
-    prior_dir.mkdir(parents=True, exist_ok=True)
-    (prior_dir / RUN_SETTINGS).unlink(missing_ok=True)
-    start = time.time()
-    _run("stage2_prior.train", stage2, root / f"train_prior_{variant}.log")
-    (prior_dir / RUN_SETTINGS).write_text(json.dumps(prior_settings))
-    return {"prior_seconds": time.time() - start}
+    seconds = _train_unless_reusable("stage2_prior.train", stage2, prior_dir, prior_settings, "pipeline_config.json",
+                                     f"{variant} prior", root / f"train_prior_{variant}.log",
+                                     arguments.force or retrain)
+    return {} if seconds is None else {"prior_seconds": seconds}
 
 
 def evaluate_seed(root: Path, budget: Budget, dataset: str, modality: str, seed: int) -> dict:
