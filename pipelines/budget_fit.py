@@ -9,12 +9,22 @@ fair; a machine fast enough keeps the budget as it is. Step counts given explici
 
 The first timing sees a few seconds of a machine whose speed may drift, so once both tokenizers have trained,
 `vqgen compare` times the prior's step again and `refit_prior_steps` fits both priors' steps to the minutes left.
+
+`vqgen compare` trains the two variants side by side, each process on half the cores (`--jobs 2`, its default where
+two or more are free): a batch-8 step leaves much of its time to serial work around the kernels, which a second
+process overlaps. So the fit also times each stage's two jobs at once, in two processes started together
+(`probe_together`), and prices the tokenizers' stage as both at once until the faster finishes, then the slower
+alone at all threads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -50,18 +60,42 @@ class StepSeconds:
     vqgan: float
     prior: float
     prior_compile: float = 0.0  # seconds of torch.compile, paid once by each prior (budget.prior_compile)
+    # Each job's step while its stage's other job runs beside it, each on half the threads (probe_together); None:
+    # the jobs run one after another.
+    vqvae_together: float | None = None
+    vqgan_together: float | None = None
+    prior_together: float | None = None
+
+    @property
+    def together(self) -> bool:
+        return self.prior_together is not None
 
 
 def fastest(a: StepSeconds, b: StepSeconds) -> StepSeconds:
     """Each job's faster timing of two probes (another process only ever slows a step down)."""
-    return StepSeconds(**{f.name: min(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
+    def faster(x, y):
+        return x if y is None else y if x is None else min(x, y)
+
+    return StepSeconds(**{f.name: faster(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
+
+
+def side_by_side_seconds(steps: int, fast_together: float, slow_together: float, slow_alone: float) -> float:
+    """Two jobs of `steps` steps started together: both run at their side-by-side speeds until the faster ends,
+    then the slower finishes alone at `slow_alone` seconds per step."""
+    fast_together, slow_together = sorted((fast_together, slow_together))
+    return steps * (fast_together + (1 - fast_together / slow_together) * slow_alone)
 
 
 def predicted_training_seconds(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD) -> float:
-    """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound), plus each
-    prior's compilation."""
-    steps = budget.tokenizer_steps * (seconds.vqvae + seconds.vqgan) + 2 * budget.prior_steps * seconds.prior
-    return overhead * steps + 2 * seconds.prior_compile
+    """Both tokenizers, then a prior on each (the VQGAN's steps all priced as GAN steps: an upper bound), plus the
+    priors' compilation: one after another, or each stage's two jobs side by side when `seconds` was timed so."""
+    if not seconds.together:
+        steps = budget.tokenizer_steps * (seconds.vqvae + seconds.vqgan) + 2 * budget.prior_steps * seconds.prior
+        return overhead * steps + 2 * seconds.prior_compile
+    slower_alone = seconds.vqgan if seconds.vqgan_together >= seconds.vqvae_together else seconds.vqvae
+    tokenizers = side_by_side_seconds(budget.tokenizer_steps, seconds.vqvae_together, seconds.vqgan_together,
+                                      slower_alone)
+    return overhead * (tokenizers + budget.prior_steps * seconds.prior_together) + seconds.prior_compile
 
 
 def _round_steps(steps: float) -> int:
@@ -76,7 +110,7 @@ def fit_budget(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD)
             "step_seconds": dataclasses.asdict(seconds), "scale": 1.0}
     if predicted <= target:
         return budget, info
-    fixed = 2 * seconds.prior_compile  # does not shrink with the steps
+    fixed = (1 if seconds.together else 2) * seconds.prior_compile  # does not shrink with the steps
     scale = max(target - fixed, 0.0) / (predicted - fixed)
     tokenizer_steps = _round_steps(budget.tokenizer_steps * scale)
     fitted = dataclasses.replace(
@@ -87,24 +121,27 @@ def fit_budget(budget: Budget, seconds: StepSeconds, overhead: float = OVERHEAD)
 
 
 def refit_prior_steps(budget: Budget, most_steps: int, seconds_left: float, prior: float, prior_compile: float,
-                      overhead: float = PRIOR_OVERHEAD) -> tuple[Budget, dict]:
+                      overhead: float = PRIOR_OVERHEAD, jobs: int = 1) -> tuple[Budget, dict]:
     """`budget` with its priors' steps fitted to the `seconds_left` of the time target after the tokenizers trained,
-    at `prior` seconds per step timed then: the whole run keeps to its target however fast the machine ran meanwhile.
-    At most `most_steps` (the budget's own), at least half the first fit's (a prior needs some steps to be compared
-    at all; the note then says the target is overrun)."""
-    fitted_steps = max(0.0, seconds_left - 2 * prior_compile) / (2 * overhead * prior)
+    at `prior` seconds per step timed then (with `jobs` 2, each prior's step beside the other's, as they will train):
+    the whole run keeps to its target however fast the machine ran meanwhile. At most `most_steps` (the budget's
+    own), at least half the first fit's (a prior needs some steps to be compared at all; the note then says the
+    target is overrun)."""
+    rounds = 2 // jobs  # the two priors train in two rounds, or in one side by side
+    fitted_steps = max(0.0, seconds_left - rounds * prior_compile) / (rounds * overhead * prior)
     floor = _round_steps(budget.prior_steps / 2)
     steps = min(most_steps, max(floor, _round_steps(fitted_steps)))
     info = {"seconds_left": seconds_left, "prior_step_seconds": prior, "prior_compile_seconds": prior_compile,
-            "first_fit_prior_steps": budget.prior_steps, "prior_steps": steps,
-            "predicted_minutes": (2 * prior_compile + 2 * overhead * prior * steps) / 60, "at_floor": steps == floor}
+            "jobs": jobs, "first_fit_prior_steps": budget.prior_steps, "prior_steps": steps,
+            "predicted_minutes": rounds * (prior_compile + overhead * prior * steps) / 60, "at_floor": steps == floor}
     return dataclasses.replace(budget, prior_steps=steps), info
 
 
 def describe_refit(info: dict) -> str:
     """One line for the log and the report's settings."""
+    beside = " beside each other" if info.get("jobs", 1) == 2 else ""
     line = (f"priors timed again after the tokenizers ({info['seconds_left'] / 60:.1f} min of the target left, "
-            f"{1000 * info['prior_step_seconds']:.0f} ms per step): {info['first_fit_prior_steps']} -> "
+            f"{1000 * info['prior_step_seconds']:.0f} ms per step{beside}): {info['first_fit_prior_steps']} -> "
             f"{info['prior_steps']} steps")
     if info["at_floor"]:
         line += (f" (half the first fit, the least a prior gets: their {info['predicted_minutes']:.0f} min predicted "
@@ -136,8 +173,9 @@ def _time_steps(step, warmup: int, steps: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], warm
 
 
-def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, steps: int) -> float:
-    """Seconds per step of the tokenizer's update (and, for a VQGAN, its discriminator's), as training runs it."""
+def _tokenizer_step(config: VQConfig, batch_size: int):
+    """One training step of the tokenizer's update (and, for a VQGAN, its discriminator's), as training runs it, on
+    a fixed random batch."""
     model, objective = VQModel(config), TokenizerObjective(config)
     ae_opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
     disc = objective.discriminator
@@ -166,13 +204,11 @@ def _tokenizer_step_seconds(config: VQConfig, batch_size: int, warmup: int, step
             d_loss.backward()
             disc_opt.step()
 
-    return _time_steps(step, warmup, steps)[0]
+    return step
 
 
-def probe_prior_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, warmup: int = 3,
-                        steps: int = 8) -> tuple[float, float]:
-    """(seconds per step of `budget`'s prior on this machine, seconds of its compilation: the warm-up's excess over
-    its steps' time)."""
+def _prior_step(budget: Budget, modality: str, in_channels: int, num_classes: int):
+    """One training step of `budget`'s prior (its loss compiled when the budget compiles it), on a fixed batch."""
     from stage2_prior.train import code_loss
 
     config = VQConfig.from_preset(budget.tokenizer_preset, variant="vqvae", modality=modality, in_channels=in_channels)
@@ -182,8 +218,7 @@ def probe_prior_seconds(budget: Budget, modality: str, in_channels: int, num_cla
     optimizer = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.95))
     sequence = torch.randint(0, config.codebook_size, (budget.prior_batch, num_codes + 1),
                              generator=torch.Generator().manual_seed(0))
-    compiled = budget.prior_compile
-    loss_fn = torch.compile(code_loss) if compiled else code_loss
+    loss_fn = torch.compile(code_loss) if budget.prior_compile else code_loss
 
     def step(i: int) -> None:
         with fast_autocast("cpu"):
@@ -192,19 +227,95 @@ def probe_prior_seconds(budget: Budget, modality: str, in_channels: int, num_cla
         loss.backward()
         optimizer.step()
 
-    seconds, warm = _time_steps(step, warmup, steps)
-    return seconds, max(warm - warmup * seconds, 0.0) if compiled else 0.0
+    return step
+
+
+def _tokenizer_config(budget: Budget, variant: str, modality: str, in_channels: int, perceptual: str) -> VQConfig:
+    """The config a probe times: the budget's preset with the GAN term on from the first step."""
+    return VQConfig.from_preset(budget.tokenizer_preset, variant=variant, modality=modality, in_channels=in_channels,
+                                perceptual_backend=perceptual, disc_start=0)
+
+
+def probe_prior_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, warmup: int = 3,
+                        steps: int = 8) -> tuple[float, float]:
+    """(seconds per step of `budget`'s prior on this machine, seconds of its compilation: the warm-up's excess over
+    its steps' time)."""
+    seconds, warm = _time_steps(_prior_step(budget, modality, in_channels, num_classes), warmup, steps)
+    return seconds, max(warm - warmup * seconds, 0.0) if budget.prior_compile else 0.0
+
+
+def _probe_worker(spec: dict) -> None:
+    """A side-by-side timing's process (`python -m pipelines.budget_fit SPEC`): warm up one job's step, say "ready",
+    wait for "go" on stdin (sent once every job is ready), time steps for the spec's seconds, print the median."""
+    budget = Budget(**spec["budget"])
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    if spec["job"] == "prior":
+        step = _prior_step(budget, spec["modality"], spec["in_channels"], spec["num_classes"])
+    else:
+        config = _tokenizer_config(budget, spec["job"], spec["modality"], spec["in_channels"], spec["perceptual"])
+        step = _tokenizer_step(config, budget.tokenizer_batch)
+    for i in range(spec["warmup"]):
+        step(i)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    times, end, i = [], time.perf_counter() + spec["seconds"], spec["warmup"]
+    while time.perf_counter() < end or len(times) < 3:
+        start = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - start)
+        i += 1
+    print(json.dumps({"seconds": sorted(times)[len(times) // 2]}), flush=True)
+
+
+def probe_together(jobs: tuple[str, str], budget: Budget, modality: str, in_channels: int, num_classes: int,
+                   perceptual: str, threads: int, warmup: int = 3, seconds: float = 3.0) -> list[float]:
+    """Seconds per step of each of `jobs` ("vqvae", "vqgan" or "prior") while both run at once, each in a fresh
+    process on `threads` threads, timed over the same `seconds` after their warm-ups: the cores are shared as the
+    training processes will share them (memory bandwidth, caches, SMT siblings)."""
+    spec = dict(budget=dataclasses.asdict(budget), modality=modality, in_channels=in_channels,
+                num_classes=num_classes, perceptual=perceptual, threads=threads, warmup=warmup, seconds=seconds)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    processes = [subprocess.Popen([sys.executable, "-m", "pipelines.budget_fit", json.dumps({**spec, "job": job})],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for job in jobs]
+    try:
+        for process in processes:
+            if process.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"timing the training steps side by side failed:\n{process.communicate()[1]}")
+        for process in processes:
+            process.stdin.write("go\n")
+            process.stdin.flush()
+        answers = []
+        for process in processes:
+            out, err = process.communicate()
+            if process.returncode != 0:
+                raise RuntimeError(f"timing the training steps side by side failed:\n{err}")
+            answers.append(json.loads(out)["seconds"])
+        return answers
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def probe_step_seconds(budget: Budget, modality: str, in_channels: int, num_classes: int, perceptual: str,
-                       warmup: int = 3, steps: int = 8) -> StepSeconds:
-    """Time `steps` training steps of each job of `budget` on this machine (after `warmup` untimed ones)."""
-    def config(variant: str) -> VQConfig:
-        return VQConfig.from_preset(budget.tokenizer_preset, variant=variant, modality=modality,
-                                    in_channels=in_channels, perceptual_backend=perceptual, disc_start=0)
-
+                       warmup: int = 3, steps: int = 8, together_threads: int | None = None) -> StepSeconds:
+    """Time `steps` training steps of each job of `budget` on this machine (after `warmup` untimed ones); with
+    `together_threads`, also each stage's two jobs side by side, each on that many threads (`probe_together`)."""
     torch.manual_seed(0)
     prior, prior_compile = probe_prior_seconds(budget, modality, in_channels, num_classes, warmup, steps)
-    return StepSeconds(vqvae=_tokenizer_step_seconds(config("vqvae"), budget.tokenizer_batch, warmup, steps),
-                       vqgan=_tokenizer_step_seconds(config("vqgan"), budget.tokenizer_batch, warmup, steps),
-                       prior=prior, prior_compile=prior_compile)
+    alone = {variant: _time_steps(_tokenizer_step(_tokenizer_config(budget, variant, modality, in_channels,
+                                                                    perceptual), budget.tokenizer_batch),
+                                  warmup, steps)[0] for variant in ("vqvae", "vqgan")}
+    together = {}
+    if together_threads is not None:
+        shared = (budget, modality, in_channels, num_classes, perceptual, together_threads, warmup)
+        together["vqvae_together"], together["vqgan_together"] = probe_together(("vqvae", "vqgan"), *shared)
+        together["prior_together"] = max(probe_together(("prior", "prior"), *shared))
+    return StepSeconds(**alone, prior=prior, prior_compile=prior_compile, **together)
+
+
+if __name__ == "__main__":
+    _probe_worker(json.loads(sys.argv[1]))

@@ -147,8 +147,11 @@ class CompareArguments:
         "VQGAN perceptual loss network (lpips needs downloadable VGG16 weights)"))
     force: bool = field(default=False, metadata=described("retrain runs already present in --output-dir"))
     threads: int | None = field(default=None, metadata=described(
-        "CPU threads for torch, here and in the training processes (default: OMP_NUM_THREADS, else the cores "
-        "other processes leave free)"))
+        "CPU threads for torch, here and in the training processes, shared by the runs that train at once "
+        "(default: OMP_NUM_THREADS, else the cores other processes leave free)"))
+    jobs: int | None = field(default=None, metadata=described(
+        "training processes at once: 2 trains the two variants' tokenizers, then their priors, side by side, each on "
+        "half the threads; 1 one after another (default: 2 where there are 2 or more threads)", choices=[1, 2]))
     # Budget overrides: None keeps the named budget's value.
     tokenizer_preset: str | None = field(default=None, metadata=described("", choices=sorted(TOKENIZER_PRESETS)))
     tokenizer_steps: int | None = None
@@ -176,7 +179,15 @@ class CompareArguments:
         check_positive(self, ("seeds", "threads"))
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.jobs not in (None, 1, 2):
+            raise ValueError(f"--jobs must be 1 or 2 (the two variants' runs), got {self.jobs}")
         self.resolved_budget()  # a bad override (e.g. --tokenizer-steps 0) is refused before anything runs
+
+    def resolved_jobs(self) -> int:
+        """--jobs, or 2 where the threads (--threads, OMP_NUM_THREADS or the usable cores) can be halved."""
+        from stage1_tokenizer.threads import usable_cores, user_threads
+
+        return self.jobs or (2 if (self.threads or user_threads() or usable_cores()) >= 2 else 1)
 
     def overrides(self) -> dict:
         """Budget fields set by the user: the budget file's, then the command line's."""

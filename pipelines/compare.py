@@ -2,7 +2,7 @@
 
 The flow runs one way: CompareArguments -> a Budget (its steps fitted to the machine) -> per seed, both variants'
 stage-1 training arguments, then (the priors' steps fitted again to the minutes left) both stage-2 ones, each run
-as a child process from a JSON file -> per seed, `evaluate_images` / `evaluate_texts` -> one
+as a child process from a JSON file, the two variants' side by side (`--jobs 2`: each on half the cores) -> per seed, `evaluate_images` / `evaluate_texts` -> one
 CompareResult (means, spreads, intervals, verdict) saved as metrics.json -> the report, which only formats it.
 The first seed's runs live in DIR/tokenizers and DIR/pipelines, further seeds' in DIR/seeds/seed_<n>/.
 """
@@ -14,11 +14,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stage1_tokenizer.data import load_split
-from stage1_tokenizer.threads import ThreadGovernor, set_torch_threads
+from stage1_tokenizer.threads import ThreadGovernor, set_torch_threads, usable_cores, user_threads
 from stage1_tokenizer.train_utils import check_compile_available
 from stage2_prior.folder import library_versions
 from stage2_prior.sampling import describe_precision
@@ -38,28 +40,106 @@ BUSY_DURING_FIT = 0.25
 FIT_ATTEMPTS = 3
 
 
-def _run(module: str, arguments, log_path: Path) -> None:
-    """Run a training script in a child process (fresh memory, its own progress bar) on a JSON file of its
-    arguments; stream and log its output; fail loudly."""
-    arguments_path = log_path.with_suffix(".json")
-    arguments_path.write_text(json.dumps(dataclasses.asdict(arguments), indent=2))
-    command = [sys.executable, "-m", module, str(arguments_path)]
-    print(f"$ {' '.join(command)}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      env=env, text=True) as process:
-        for line in process.stdout:
+# With runs side by side, each one's progress bar reaches the console at most this often (its log gets every line).
+PROGRESS_EVERY_S = 30.0
+
+
+@dataclass
+class TrainingRun:
+    """One training process of a compare: a variant's tokenizer or prior, and how to tell it may be reused."""
+
+    variant: str
+    stage: str  # "tokenizer" or "prior"
+    module: str
+    arguments: object  # the stage's training-arguments dataclass
+    folder: Path
+    settings: dict  # what a reusable run was trained with (RUN_SETTINGS)
+    done_file: str  # present once the run finished
+    log_path: Path
+    force: bool = False
+
+    def reusable(self) -> bool:
+        if self.force or not (self.folder / self.done_file).is_file():
+            return False
+        marker = self.folder / RUN_SETTINGS
+        return marker.is_file() and json.loads(marker.read_text()) == self.settings
+
+
+def _relay(stream, log_path: Path, prefix: str) -> None:
+    """Copy a child's output to its log, and to the console (with `prefix`, progress bars thinned, when set)."""
+    shown = 0.0
+    with open(log_path, "w") as log:
+        for line in stream:
             log.write(line)
+            log.flush()
+            if prefix:
+                if "it/s]" in line or "s/it]" in line:  # a progress bar's refresh
+                    if time.monotonic() - shown < PROGRESS_EVERY_S:
+                        continue
+                    shown = time.monotonic()
+                line = prefix + line
             sys.stdout.write(line)
             sys.stdout.flush()
-        code = process.wait()
-    if code != 0:
-        raise RuntimeError(f"{module} failed with exit code {code}; see {log_path}")
 
 
-def _reusable(folder: Path, settings: dict, done_file: str) -> bool:
-    marker = folder / RUN_SETTINGS
-    return (folder / done_file).is_file() and marker.is_file() and json.loads(marker.read_text()) == settings
+def _run_together(runs: list[TrainingRun], threads: int | None) -> tuple[dict[str, float], list[str]]:
+    """Run the training scripts of `runs` at once, each in a child process (fresh memory, its own progress bar) on a
+    JSON file of its arguments, with OMP_NUM_THREADS `threads` when set; stream and log their output, and wait for
+    all of them (one's failure does not stop the others). Returns the wall-clock seconds of those that succeeded, by
+    variant, and a line for each that failed."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    started, children = time.time(), []
+    for run in runs:
+        arguments_path = run.log_path.with_suffix(".json")
+        arguments_path.write_text(json.dumps(dataclasses.asdict(run.arguments), indent=2))
+        command = [sys.executable, "-m", run.module, str(arguments_path)]
+        print(f"$ {' '.join(command)}", flush=True)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+        relay = threading.Thread(target=_relay, daemon=True,
+                                 args=(process.stdout, run.log_path, f"[{run.variant}] " if len(runs) > 1 else ""))
+        relay.start()
+        children.append((run, process, relay))
+    seconds, failures, waiting = {}, [], list(children)
+    while waiting:
+        for child in list(waiting):
+            run, process, relay = child
+            if process.poll() is None:
+                continue
+            waiting.remove(child)
+            relay.join()
+            if process.returncode == 0:
+                seconds[run.variant] = time.time() - started
+            else:
+                failures.append(f"{run.module} ({run.variant}) failed with exit code {process.returncode}; see "
+                                f"{run.log_path}")
+        time.sleep(0.1)
+    return seconds, failures
+
+
+def train_runs(runs: list[TrainingRun], jobs: int, threads: int | None) -> dict[str, float]:
+    """Train each of `runs` unless its folder holds a finished run with its settings, `jobs` at a time; returns
+    the wall-clock seconds of those that trained, by variant."""
+    pending = []
+    for run in runs:
+        if run.reusable():
+            print(f"reusing the {run.variant} {run.stage} in {run.folder} (pass --force to retrain)")
+            continue
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / RUN_SETTINGS).unlink(missing_ok=True)
+        pending.append(run)
+    seconds = {}
+    for start in range(0, len(pending), jobs):
+        group = pending[start:start + jobs]
+        trained, failures = _run_together(group, threads)
+        for run in group:  # a run that finished is kept, and reused on a rerun, whatever its neighbour did
+            if run.variant in trained:
+                (run.folder / RUN_SETTINGS).write_text(json.dumps(run.settings))
+        if failures:
+            raise RuntimeError("; ".join(failures))
+        seconds.update(trained)
+    return seconds
 
 
 def tokenizer_settings(stage1) -> dict:
@@ -78,45 +158,26 @@ def seed_folder(output_dir: Path, index: int, seed: int) -> Path:
     return output_dir if index == 0 else output_dir / "seeds" / f"seed_{seed}"
 
 
-def _train_unless_reusable(module: str, run_arguments, folder: Path, settings: dict, done_file: str, what: str,
-                           log_path: Path, force: bool) -> float | None:
-    """Run `module` on `run_arguments` into `folder`, unless (and not `force`) the folder holds a finished run
-    (`done_file`) trained with these `settings`; its wall-clock seconds, or None when reused."""
-    if not force and _reusable(folder, settings, done_file):
-        print(f"reusing the {what} in {folder} (pass --force to retrain)")
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RUN_SETTINGS).unlink(missing_ok=True)
-    start = time.time()
-    _run(module, run_arguments, log_path)
-    (folder / RUN_SETTINGS).write_text(json.dumps(settings))
-    return time.time() - start
-
-
-def train_tokenizer(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, seed: int,
-                    root: Path) -> dict:
-    """Train (or reuse) one tokenizer under `root`; returns its wall-clock seconds when it trained."""
+def tokenizer_run(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, seed: int, root: Path,
+                  threads: int | None) -> TrainingRun:
+    """One variant's tokenizer under `root`."""
     tokenizer_dir = root / "tokenizers" / variant
     stage1 = tokenizer_arguments(budget, variant, dataset, arguments.modality, seed, arguments.perceptual,
-                                 tokenizer_dir, arguments.threads)
-    seconds = _train_unless_reusable("stage1_tokenizer.train", stage1, tokenizer_dir, tokenizer_settings(stage1),
-                                     "model.safetensors", f"{variant} tokenizer",
-                                     root / f"train_tokenizer_{variant}.log", arguments.force)
-    return {} if seconds is None else {"tokenizer_seconds": seconds}
+                                 tokenizer_dir, threads)
+    return TrainingRun(variant, "tokenizer", "stage1_tokenizer.train", stage1, tokenizer_dir,
+                       tokenizer_settings(stage1), "model.safetensors", root / f"train_tokenizer_{variant}.log",
+                       arguments.force)
 
 
-def train_prior(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, class_conditional: bool,
-                seed: int, root: Path, retrain: bool = False) -> dict:
-    """Train (or reuse) the prior on `root`'s `variant` tokenizer (always retrained with `retrain`: its tokenizer
-    just was); returns its wall-clock seconds when it trained."""
+def prior_run(variant: str, budget: Budget, arguments: CompareArguments, dataset: str, class_conditional: bool,
+              seed: int, root: Path, threads: int | None, retrain: bool = False) -> TrainingRun:
+    """The prior on `root`'s `variant` tokenizer (always retrained with `retrain`: its tokenizer just was)."""
     tokenizer_dir, prior_dir = root / "tokenizers" / variant, root / "pipelines" / variant
-    stage2 = prior_arguments(budget, tokenizer_dir, dataset, seed, class_conditional, prior_dir, arguments.threads)
+    stage2 = prior_arguments(budget, tokenizer_dir, dataset, seed, class_conditional, prior_dir, threads)
     prior_settings = dict(dataclasses.asdict(stage2.resolved()),
                           tokenizer_weights_mtime=(tokenizer_dir / "model.safetensors").stat().st_mtime)
-    seconds = _train_unless_reusable("stage2_prior.train", stage2, prior_dir, prior_settings, "pipeline_config.json",
-                                     f"{variant} prior", root / f"train_prior_{variant}.log",
-                                     arguments.force or retrain)
-    return {} if seconds is None else {"prior_seconds": seconds}
+    return TrainingRun(variant, "prior", "stage2_prior.train", stage2, prior_dir, prior_settings,
+                       "pipeline_config.json", root / f"train_prior_{variant}.log", arguments.force or retrain)
 
 
 def evaluate_seed(root: Path, budget: Budget, dataset: str, modality: str, seed: int) -> dict:
@@ -156,10 +217,17 @@ def _explicit_steps(arguments: CompareArguments) -> list[str]:
     return sorted({"tokenizer_steps", "prior_steps", "disc_start"} & set(arguments.overrides()))
 
 
+def job_threads(arguments: CompareArguments, jobs: int) -> int:
+    """Threads for each of `jobs` training processes at once: their share of --threads, OMP_NUM_THREADS or the
+    free cores."""
+    return max(1, (arguments.threads or user_threads() or usable_cores()) // jobs)
+
+
 def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num_classes: int,
-                  output_dir: Path) -> tuple[Budget, str | None]:
-    """The budget with its steps fitted to `train_minutes` on this machine (pipelines/budget_fit.py) and a line
-    saying what was done. The fit is kept in output_dir/budget_fit.json, so a rerun reuses its runs."""
+                  output_dir: Path, jobs: int = 1) -> tuple[Budget, str | None]:
+    """The budget with its steps fitted to `train_minutes` on this machine (pipelines/budget_fit.py), for its runs
+    trained `jobs` at a time, and a line saying what was done. The fit is kept in output_dir/budget_fit.json, so a
+    rerun reuses its runs."""
     if not budget.train_minutes:
         return budget, None
     explicit = _explicit_steps(arguments)
@@ -168,7 +236,7 @@ def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num
     record = output_dir / "budget_fit.json"
     if record.is_file() and not arguments.force:
         saved = json.loads(record.read_text())
-        if saved.get("budget") == dataclasses.asdict(budget):
+        if saved.get("budget") == dataclasses.asdict(budget) and saved.get("jobs", 1) == jobs:
             print(f"budget fit (from {record}): {saved['note']}")
             return Budget(**saved["fitted"]), saved["note"]
     from .budget_fit import describe_fit, fastest, fit_budget, probe_step_seconds
@@ -178,7 +246,8 @@ def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num
     seconds = None
     meter = ThreadGovernor(max_threads=1)  # only its load measurement: what other processes took meanwhile
     for attempt in range(1, FIT_ATTEMPTS + 1):
-        timed = probe_step_seconds(budget, arguments.modality, in_channels, num_classes, arguments.perceptual)
+        timed = probe_step_seconds(budget, arguments.modality, in_channels, num_classes, arguments.perceptual,
+                                   together_threads=job_threads(arguments, jobs) if jobs == 2 else None)
         load = meter.measure_other_load()  # since the last measurement: this attempt's
         seconds = timed if seconds is None else fastest(seconds, timed)
         if (load or 0.0) < BUSY_DURING_FIT or attempt == FIT_ATTEMPTS:
@@ -192,14 +261,15 @@ def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num
                  f"timed, so the fit is smaller than an idle machine's (rerun on a quiet machine with --force)")
     print(f"budget fit: {note}", flush=True)
     record.write_text(json.dumps({"budget": dataclasses.asdict(budget), "fitted": dataclasses.asdict(fitted),
-                                  "note": note, **info}, indent=2))
+                                  "note": note, "jobs": jobs, **info}, indent=2))
     return fitted, note
 
 
 def refit_priors(arguments: CompareArguments, planned: Budget, budget: Budget, dataset: str, num_classes: int,
-                 output_dir: Path, tokenizer_seconds: float | None) -> tuple[Budget, str | None]:
+                 output_dir: Path, tokenizer_seconds: float | None, jobs: int = 1) -> tuple[Budget, str | None]:
     """The fitted `budget` with its priors' steps fitted again to what the time target has left after both
-    tokenizers trained for `tokenizer_seconds` (None: one or both were reused), and a line saying so.
+    tokenizers trained for `tokenizer_seconds` of wall-clock time (None: one or both were reused), the priors to
+    train `jobs` at a time, and a line saying so.
 
     The first fit times a few seconds of a machine whose speed drifts (this one's by about 20% within an hour): two
     Fashion-MNIST runs trained in 0.85x and 1.3x its prediction. Timing the priors again just before they train, with
@@ -215,13 +285,18 @@ def refit_priors(arguments: CompareArguments, planned: Budget, budget: Budget, d
             return budget, None
         print(f"prior steps (from {record_path}): {saved['note']}")
         return dataclasses.replace(budget, prior_steps=saved["prior_steps"]), saved["note"]
-    from .budget_fit import describe_refit, probe_prior_seconds, refit_prior_steps
+    from .budget_fit import describe_refit, probe_prior_seconds, probe_together, refit_prior_steps
 
     start = time.time()
-    prior, prior_compile = probe_prior_seconds(budget, arguments.modality, input_channels(arguments, dataset),
-                                               num_classes, steps=30)
+    in_channels = input_channels(arguments, dataset)
+    if jobs == 2:  # both priors' steps side by side, as they will train; their compilation as the first fit timed it
+        prior = max(probe_together(("prior", "prior"), budget, arguments.modality, in_channels, num_classes,
+                                   arguments.perceptual, job_threads(arguments, jobs), seconds=5.0))
+        prior_compile = record.get("step_seconds", {}).get("prior_compile", 0.0)
+    else:
+        prior, prior_compile = probe_prior_seconds(budget, arguments.modality, in_channels, num_classes, steps=30)
     seconds_left = budget.train_minutes * 60 - tokenizer_seconds - (time.time() - start)
-    refitted, info = refit_prior_steps(budget, planned.prior_steps, seconds_left, prior, prior_compile)
+    refitted, info = refit_prior_steps(budget, planned.prior_steps, seconds_left, prior, prior_compile, jobs=jobs)
     note = describe_refit(info)
     print(f"budget fit: {note}", flush=True)
     record["prior_refit"] = {**info, "note": note}
@@ -233,10 +308,10 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
     """Train both variants for every seed, evaluate, judge, and write metrics.json and the report."""
     from .report import write_report
 
-    if arguments.threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(arguments.threads)  # the training processes inherit it
     set_torch_threads(arguments.threads)
     started = time.time()
+    jobs = arguments.resolved_jobs()
+    threads = job_threads(arguments, jobs) if arguments.threads or user_threads() else None
     budget = arguments.resolved_budget()
     dataset = arguments.dataset or DEFAULT_DATASETS[arguments.modality]
     class_names = load_split(dataset, "train", arguments.modality).class_names
@@ -249,32 +324,36 @@ def run_compare(arguments: CompareArguments) -> CompareResult:
     output_dir.mkdir(parents=True, exist_ok=True)
     planned = compile_if_available(budget, arguments)
     num_classes = len(class_names) if class_conditional else 0
-    budget, fit_note = fitted_budget(arguments, planned, dataset, num_classes, output_dir)
+    budget, fit_note = fitted_budget(arguments, planned, dataset, num_classes, output_dir, jobs)
+    side_by_side = " (side by side)" if jobs == 2 else ""
     seeds = arguments.seed_list
     runs = []
     for index, seed in enumerate(seeds):
         root = seed_folder(output_dir, index, seed)
-        timings = {variant: {} for variant in VARIANTS}
-        for variant in VARIANTS:  # both tokenizers first: their minutes decide what the priors get
-            print(f"== seed {seed}, {variant}: tokenizer ({arguments.budget} budget) ==", flush=True)
-            timings[variant].update(train_tokenizer(variant, budget, arguments, dataset, seed, root))
+        # Both tokenizers first: their minutes decide what the priors get.
+        print(f"== seed {seed}: tokenizers{side_by_side} ({arguments.budget} budget) ==", flush=True)
+        stage_start = time.time()
+        tokenizers = train_runs([tokenizer_run(variant, budget, arguments, dataset, seed, root, threads)
+                                 for variant in VARIANTS], jobs, threads)
         if index == 0:  # further seeds train their priors with the first seed's steps
-            trained = [t["tokenizer_seconds"] for t in timings.values() if "tokenizer_seconds" in t]
             budget, refit_note = refit_priors(arguments, planned, budget, dataset, num_classes, output_dir,
-                                              sum(trained) if len(trained) == len(VARIANTS) else None)
+                                              time.time() - stage_start if len(tokenizers) == len(VARIANTS) else None,
+                                              jobs)
             if refit_note:
                 fit_note = f"{fit_note}; {refit_note}"
-        for variant in VARIANTS:
-            print(f"== seed {seed}, {variant}: prior ({arguments.budget} budget) ==", flush=True)
-            timings[variant].update(train_prior(variant, budget, arguments, dataset, class_conditional, seed, root,
-                                                retrain="tokenizer_seconds" in timings[variant]))
+        print(f"== seed {seed}: priors{side_by_side} ({arguments.budget} budget) ==", flush=True)
+        priors = train_runs([prior_run(variant, budget, arguments, dataset, class_conditional, seed, root, threads,
+                                       retrain=variant in tokenizers) for variant in VARIANTS], jobs, threads)
+        timings = {variant: {**({"tokenizer_seconds": tokenizers[variant]} if variant in tokenizers else {}),
+                             **({"prior_seconds": priors[variant]} if variant in priors else {})}
+                   for variant in VARIANTS}
         print(f"== seed {seed}: evaluation ==", flush=True)
         run = evaluate_seed(root, budget, dataset, arguments.modality, seed)
         run["training"] = {v: t for v, t in timings.items() if t}
         runs.append(run)
     settings = dict(
         dataset=dataset, modality=arguments.modality, budget=arguments.budget, seeds=seeds,
-        overrides=arguments.overrides(), class_conditional=class_conditional,
+        overrides=arguments.overrides(), class_conditional=class_conditional, jobs=jobs,
         class_names=class_names if class_conditional else None, perceptual_backend=arguments.perceptual,
         elapsed_seconds=time.time() - started, library_versions=library_versions(), **dataclasses.asdict(budget))
     if fit_note:

@@ -63,7 +63,8 @@ class ThreadGovernor:
         self.other_load = 0.0
 
     def _sample(self) -> tuple[float, int, int]:
-        """(monotonic seconds, busy ticks of this process's cores, this process's own CPU ticks)."""
+        """(monotonic seconds, busy ticks of this process's cores, this process's own CPU ticks, its ended
+        children's included)."""
         busy = 0
         for line in Path("/proc/stat").read_text().splitlines():
             name, *fields = line.split()
@@ -72,7 +73,8 @@ class ThreadGovernor:
                 values = [int(v) for v in fields[:8]]
                 busy += sum(values) - values[3] - values[4]
         own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        return time.monotonic(), busy, int(own[11]) + int(own[12])  # utime + stime
+        # utime + stime, and those of its children once they ended (a side-by-side timing's processes): not others'
+        return time.monotonic(), busy, sum(int(value) for value in own[11:15])
 
     def measure_other_load(self) -> float | None:
         """The cores other processes kept busy on this process's cores since the last measurement (None without

@@ -34,13 +34,19 @@ def few_step_budget(tmp_path, monkeypatch, offline_env):
 
 def test_compare_writes_report_metrics_and_pipelines_then_reuses_them(few_step_budget, capsys):
     out = few_step_budget
-    main(["compare", "--budget", "quick", *FEW_STEPS, "--output-dir", str(out)])
+    main(["compare", "--budget", "quick", *FEW_STEPS, "--output-dir", str(out), "--jobs", "2"])
     first_run = capsys.readouterr().out
     assert "reusing" not in first_run
-    # Both tokenizers train before either prior (the priors' steps may be fitted to the minutes left).
-    stages = [first_run.index(f"== seed 0, {variant}: {stage}")
-              for stage in ("tokenizer", "prior") for variant in ("vqvae", "vqgan")]
-    assert stages == sorted(stages)
+    # Both tokenizers train, side by side, before either prior (whose steps may be fitted to the minutes left).
+    tokenizers = first_run.index("== seed 0: tokenizers (side by side)")
+    priors = first_run.index("== seed 0: priors (side by side)")
+    assert tokenizers < priors
+    for stage, section in (("stage1_tokenizer", first_run[tokenizers:priors]), ("stage2_prior", first_run[priors:])):
+        lines = section.splitlines()
+        launched = [i for i, line in enumerate(lines) if line.startswith("$ ") and f"{stage}.train" in line]
+        assert len(launched) == 2  # the second started before the first ended (its output's last line)
+        assert launched[1] < max(i for i, line in enumerate(lines) if line.startswith("[vqvae] "))
+        assert any(line.startswith("[vqgan] ") for line in lines)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["dataset"] == "digits" and metrics["settings"]["class_conditional"] is True
@@ -218,20 +224,22 @@ def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monk
 
     trained = []
 
-    def fake_run(module, arguments, log_path):  # what a finished run leaves behind, without training
-        trained.append(module)
-        done = "model.safetensors" if module == "stage1_tokenizer.train" else "pipeline_config.json"
-        (Path(arguments.output_dir) / done).write_text("{}")
+    def fake_run_together(runs, threads):  # what finished runs leave behind, without training
+        for run in runs:
+            trained.append(run.module)
+            (run.folder / run.done_file).write_text("{}")
+        return {run.variant: 1.0 for run in runs}, []
 
-    monkeypatch.setattr(compare, "_run", fake_run)
+    monkeypatch.setattr(compare, "_run_together", fake_run_together)
     budget = budget_for("quick", "image")
     arguments = CompareArguments(perceptual="none")
 
     def train():
         trained.clear()
-        timings = compare.train_tokenizer("vqvae", budget, arguments, "digits", 0, tmp_path)
-        compare.train_prior("vqvae", budget, arguments, "digits", True, 0, tmp_path,
-                            retrain="tokenizer_seconds" in timings)
+        tokenizers = compare.train_runs([compare.tokenizer_run("vqvae", budget, arguments, "digits", 0, tmp_path,
+                                                               None)], 2, None)
+        compare.train_runs([compare.prior_run("vqvae", budget, arguments, "digits", True, 0, tmp_path, None,
+                                              retrain="vqvae" in tokenizers)], 2, None)
         return list(trained)
 
     assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]
