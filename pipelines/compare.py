@@ -2,8 +2,9 @@
 
 The flow runs one way: CompareArguments -> a Budget (its steps fitted to the machine) -> per seed, both variants'
 stage-1 training arguments, then (the priors' steps fitted again to the minutes left) both stage-2 ones, each run
-as a child process from a JSON file, the two variants' side by side (`--jobs 2`: each on half the cores) -> per seed, `evaluate_images` / `evaluate_texts` -> one
-CompareResult (means, spreads, intervals, verdict) saved as metrics.json -> the report, which only formats it.
+as a child process from a JSON file, the two variants' side by side (`--jobs 2`: each on half the cores) -> per
+seed, `evaluate_images` / `evaluate_texts` -> one CompareResult (means, spreads, intervals, verdict) saved as
+metrics.json -> the report, which only formats it.
 The first seed's runs live in DIR/tokenizers and DIR/pipelines, further seeds' in DIR/seeds/seed_<n>/.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stage1_tokenizer.data import load_split
-from stage1_tokenizer.threads import ThreadGovernor, set_torch_threads, usable_cores, user_threads
+from stage1_tokenizer.threads import START_VARIABLE, ThreadGovernor, set_torch_threads, usable_cores, user_threads
 from stage1_tokenizer.train_utils import check_compile_available
 from stage2_prior.folder import library_versions
 from stage2_prior.sampling import describe_precision
@@ -73,7 +74,7 @@ def _relay(stream, log_path: Path, prefix: str) -> None:
             log.write(line)
             log.flush()
             if prefix:
-                if "it/s]" in line or "s/it]" in line:  # a progress bar's refresh
+                if "%|" in line and "100%|" not in line:  # a progress bar's refresh ("  3%|▎    | 144/4650 [...")
                     if time.monotonic() - shown < PROGRESS_EVERY_S:
                         continue
                     shown = time.monotonic()
@@ -84,12 +85,15 @@ def _relay(stream, log_path: Path, prefix: str) -> None:
 
 def _run_together(runs: list[TrainingRun], threads: int | None) -> tuple[dict[str, float], list[str]]:
     """Run the training scripts of `runs` at once, each in a child process (fresh memory, its own progress bar) on a
-    JSON file of its arguments, with OMP_NUM_THREADS `threads` when set; stream and log their output, and wait for
-    all of them (one's failure does not stop the others). Returns the wall-clock seconds of those that succeeded, by
-    variant, and a line for each that failed."""
+    JSON file of its arguments, with OMP_NUM_THREADS `threads` when set (else each governs its own threads, starting
+    from its share of the cores); stream and log their output, and wait for all of them (one's failure does not stop
+    the others). Returns the wall-clock seconds of those that succeeded, by variant, and a line for each that
+    failed."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
+    else:  # two processes on 2 threads each would spin against each other wherever no loop rebalances them
+        env[START_VARIABLE] = str(max(1, usable_cores() // len(runs)))
     started, children = time.time(), []
     for run in runs:
         arguments_path = run.log_path.with_suffix(".json")
@@ -291,7 +295,7 @@ def refit_priors(arguments: CompareArguments, planned: Budget, budget: Budget, d
     in_channels = input_channels(arguments, dataset)
     if jobs == 2:  # both priors' steps side by side, as they will train; their compilation as the first fit timed it
         prior = max(probe_together(("prior", "prior"), budget, arguments.modality, in_channels, num_classes,
-                                   arguments.perceptual, job_threads(arguments, jobs), seconds=5.0))
+                                   arguments.perceptual, job_threads(arguments, jobs)))
         prior_compile = record.get("step_seconds", {}).get("prior_compile", 0.0)
     else:
         prior, prior_compile = probe_prior_seconds(budget, arguments.modality, in_channels, num_classes, steps=30)

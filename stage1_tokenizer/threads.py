@@ -10,7 +10,10 @@ So vqgen keeps the spinning and instead sizes the thread pool: `ThreadGovernor` 
 how much CPU time the other processes took on this process's cores (/proc/stat minus /proc/self/stat) and
 sets torch's thread count to the cores left free. Training and sampling loops call `rebalance_threads()`,
 which costs a clock read between checks. A thread count the user chose (`--threads`, OMP_NUM_THREADS) is
-never changed.
+never changed. A process started beside others it shares the cores with (`vqgen compare`'s side-by-side runs) is
+told its share through VQGEN_THREADS_START: it starts on that many threads, so the work before and after its loop
+(loading data, encoding codes, evaluating), where nothing rebalances, never oversubscribes the cores; its loop
+then takes more once the others have finished.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ CHECK_INTERVAL_S = 1.0  # long enough to average over scheduler ticks, short aga
 # Share of a core the other processes must take before a thread is given up (an idle machine's background
 # noise is well under 0.1 core; one busy neighbour takes 0.6-1.0 core).
 OTHER_LOAD_THRESHOLD = 0.5
+START_VARIABLE = "VQGEN_THREADS_START"  # a governed process's first thread count (its share of the cores)
 
 
 def usable_cores() -> int:
@@ -50,7 +54,7 @@ def user_threads() -> int | None:
 class ThreadGovernor:
     """Sets torch's intra-op thread count to the cores that other processes leave free, re-checked each second."""
 
-    def __init__(self, max_threads: int, interval: float = CHECK_INTERVAL_S):
+    def __init__(self, max_threads: int, interval: float = CHECK_INTERVAL_S, start_threads: int | None = None):
         self.max_threads = max_threads
         self.interval = interval
         self.ticks_per_second = os.sysconf("SC_CLK_TCK")
@@ -59,7 +63,7 @@ class ThreadGovernor:
             self._last = self._sample()
         except (AttributeError, OSError, ValueError, IndexError):
             self._last = None  # no /proc (not Linux): nothing to measure, the pool keeps max_threads
-        self.threads = max_threads
+        self.threads = min(start_threads or max_threads, max_threads)
         self.other_load = 0.0
 
     def _sample(self) -> tuple[float, int, int]:
@@ -113,8 +117,12 @@ def set_torch_threads(threads: int | None) -> int:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads={threads!r} must be an integer >= 1")
     fixed = threads or user_threads()
-    count = fixed or usable_cores()
-    _governor = None if fixed else ThreadGovernor(count)
+    if fixed:
+        _governor, count = None, fixed
+    else:
+        start = os.environ.get(START_VARIABLE, "").strip()
+        _governor = ThreadGovernor(usable_cores(), start_threads=int(start) if start.isdigit() else None)
+        count = _governor.threads
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,8 @@ def test_compare_fits_once_keeps_the_fit_and_never_touches_explicit_steps(tmp_pa
         return StepSeconds(vqvae=1.0, vqgan=2.0, prior=0.5)  # the standard budget would take far over 10 min
 
     monkeypatch.setattr(budget_fit, "probe_step_seconds", probe)
+    # A quiet machine (the stand-in probe returns at once: a single tick of any other process would read as busy).
+    monkeypatch.setattr(compare.ThreadGovernor, "measure_other_load", lambda self: 0.05)
     arguments = CompareArguments(budget="standard", train_minutes=10, output_dir=str(tmp_path))
     budget = arguments.resolved_budget()
     fitted, note = fitted_budget(arguments, budget, "digits", 10, tmp_path)
@@ -232,3 +235,89 @@ def test_compare_times_the_priors_again_after_the_tokenizers_and_keeps_that_fit(
     quick = untimed.resolved_budget()
     assert compare.refit_priors(untimed, quick, quick, "digits", 10, tmp_path, 241.0) == (quick, None)
     assert len(probes) == 2
+
+
+def test_side_by_side_stages_are_priced_as_they_run():
+    from pipelines.budget_fit import side_by_side_seconds
+
+    # 100 steps each at 0.1 and 0.2 s side by side: the faster ends at 10 s with the slower half done; the slower's
+    # other 50 steps alone at 0.12 s: 16 s. Which job is given first does not matter.
+    assert side_by_side_seconds(100, 0.1, 0.2, 0.12) == pytest.approx(16.0)
+    assert side_by_side_seconds(100, 0.2, 0.1, 0.12) == pytest.approx(16.0)
+    assert side_by_side_seconds(100, 0.2, 0.2, 0.12) == pytest.approx(20.0)  # equal jobs end together
+    together = StepSeconds(vqvae=0.06, vqgan=0.12, prior=0.05, prior_compile=20.0, vqvae_together=0.1,
+                           vqgan_together=0.2, prior_together=0.09)
+    assert together.together and not SECONDS.together
+    # 1,200 tokenizer steps: 1,200 x (0.1 + 0.5 x 0.12) = 192 s; 1,000 prior steps side by side: 90 s; one round of
+    # compilation (both priors compile at once), never scaled by the overhead.
+    assert predicted_training_seconds(BUDGET, together, overhead=1.5) == pytest.approx(1.5 * (192 + 90) + 20)
+    target = dataclasses.replace(BUDGET, train_minutes=(20 + 141) / 60)  # half the steps' 282 s
+    fitted, info = fit_budget(target, together, overhead=1.0)
+    assert info["scale"] == pytest.approx(0.5) and (fitted.tokenizer_steps, fitted.prior_steps) == (600, 500)
+
+
+def test_the_priors_refit_side_by_side_runs_them_in_one_round():
+    from pipelines.budget_fit import describe_refit, refit_prior_steps
+
+    fitted = dataclasses.replace(BUDGET, prior_steps=1000)
+    # 100 s left, 10 s of compilation once, each prior at 0.02 s per step beside the other: 4,500 steps.
+    refitted, info = refit_prior_steps(fitted, 5000, 100.0, 0.02, 10.0, overhead=1.0, jobs=2)
+    assert refitted.prior_steps == 4500 and info["predicted_minutes"] == pytest.approx(100 / 60)
+    assert "20 ms per step beside each other): 1000 -> 4500 steps" in describe_refit(info)
+    assert refit_prior_steps(fitted, 5000, 100.0, 0.02, 10.0, overhead=1.0)[0].prior_steps == 2000  # two rounds
+
+
+@pytest.mark.parametrize("jobs", [("vqvae", "vqgan"), ("prior", "prior")])
+def test_the_side_by_side_probe_times_both_jobs_in_their_own_processes(jobs):
+    budget = dataclasses.replace(BUDGET, tokenizer_batch=2, prior_batch=2)
+    seconds = budget_fit.probe_together(jobs, budget, "image", 1, 10, "random-vgg", threads=1, warmup=1,
+                                        seconds=0.2, windows=2)
+    assert len(seconds) == 2 and all(math.isfinite(value) and value > 0 for value in seconds)
+
+
+def test_a_side_by_side_probe_that_fails_says_why_and_leaves_no_process():
+    # An unknown variant: its worker fails building the model (its error is quoted), while the other waits, ready,
+    # to be killed.
+    with pytest.raises(RuntimeError, match=r"timing the training steps side by side failed:\n(.|\n)*no-such-variant"):
+        budget_fit.probe_together(("vqvae", "no-such-variant"), BUDGET, "image", 1, 10, "random-vgg", threads=1,
+                                  seconds=0.1)
+    children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+    if children.is_file():  # Linux
+        assert children.read_text().split() == []
+
+
+def test_compare_fits_side_by_side_runs_and_refits_when_the_jobs_change(tmp_path, monkeypatch):
+    calls = []
+
+    def probe(*args, together_threads=None, **kwargs):
+        calls.append(together_threads)
+        if together_threads is None:
+            return StepSeconds(vqvae=0.02, vqgan=0.04, prior=0.01)
+        return StepSeconds(vqvae=0.02, vqgan=0.04, prior=0.01, vqvae_together=0.025, vqgan_together=0.05,
+                           prior_together=0.015)
+
+    monkeypatch.setattr(budget_fit, "probe_step_seconds", probe)
+    monkeypatch.setattr(compare.ThreadGovernor, "measure_other_load", lambda self: 0.05)
+    arguments = CompareArguments(budget="standard", train_minutes=10, threads=4, output_dir=str(tmp_path))
+    planned = arguments.resolved_budget()
+    side_by_side, _ = fitted_budget(arguments, planned, "digits", 10, tmp_path, jobs=2)
+    assert calls == [2]  # each job timed on half of --threads 4
+    one_by_one, _ = fitted_budget(arguments, planned, "digits", 10, tmp_path, jobs=1)  # not the kept fit: refitted
+    # One by one: 1.3 x (9,600 x 0.06 + 2 x 22,000 x 0.01) = 1,321 s for 600: scaled by 0.45. Side by side:
+    # 1.3 x (9,600 x (0.025 + 0.5 x 0.04) + 22,000 x 0.015) = 990 s: scaled by 0.61.
+    assert calls == [2, None] and (side_by_side.tokenizer_steps, one_by_one.tokenizer_steps) == (5800, 4350)
+    assert json.loads((tmp_path / "budget_fit.json").read_text())["jobs"] == 1
+
+    fitted, _ = fitted_budget(arguments, planned, "digits", 10, tmp_path, jobs=2)
+    timed = []
+
+    def probe_priors(jobs, *args, seconds=3.0, **kwargs):
+        timed.append((jobs, args[-1]))
+        return [0.03, 0.04]  # the slower of the two counts
+
+    monkeypatch.setattr(budget_fit, "probe_together", probe_priors)
+    # 241 s of 600 used: 359 s left, one round at 0.04 s x 1.2 per step (no compilation in this budget's timing):
+    # 7,450 steps (two rounds would be 3,700, under the floor of half the first fit's 13,300).
+    refitted, note = compare.refit_priors(arguments, planned, fitted, "digits", 10, tmp_path, 241.0, jobs=2)
+    assert timed == [(("prior", "prior"), 2)] and (fitted.prior_steps, refitted.prior_steps) == (13300, 7450)
+    assert "beside each other" in note

@@ -3,6 +3,7 @@ metric the design names for both variants and the real-data row, loadable pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -251,3 +252,62 @@ def test_a_run_trained_under_an_older_preset_default_is_retrained(tmp_path, monk
     # A model default moved (as the GAN recipe's fields are VQConfig defaults, not training arguments): retrained.
     monkeypatch.setitem(preset, "model", {**preset["model"], "disc_weight": 0.5})
     assert train() == ["stage1_tokenizer.train", "stage2_prior.train"]
+
+
+FAKE_TRAINER = """
+import json, sys, time
+from pathlib import Path
+arguments = json.loads(Path(sys.argv[1]).read_text())
+print("started", arguments["name"], flush=True)
+time.sleep(arguments["seconds"])
+if arguments["fail"]:
+    sys.exit(3)
+Path(arguments["output_dir"], "done").write_text("{}")
+print("finished", arguments["name"], flush=True)
+"""
+
+
+@dataclasses.dataclass
+class FakeArguments:
+    output_dir: str
+    name: str
+    seconds: float
+    fail: bool = False
+
+
+def test_runs_side_by_side_keep_what_finished_when_one_fails(tmp_path, monkeypatch, capsys):
+    from pipelines import compare
+
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    def run(variant, seconds, fail=False):
+        folder = tmp_path / variant
+        return compare.TrainingRun(variant, "tokenizer", "fake_trainer", FakeArguments(str(folder), variant, seconds,
+                                   fail), folder, {"name": variant}, "done", tmp_path / f"{variant}.log")
+
+    # The VQ-VAE's run fails at once; the VQGAN's, beside it, still finishes and is kept for a rerun.
+    with pytest.raises(RuntimeError, match=r"fake_trainer \(vqvae\) failed with exit code 3; see .*vqvae.log"):
+        compare.train_runs([run("vqvae", 0.0, fail=True), run("vqgan", 1.0)], 2, None)
+    out = capsys.readouterr().out
+    assert "[vqvae] started vqvae" in out and "[vqgan] finished vqgan" in out  # each line says whose it is
+    assert (tmp_path / "vqgan.log").read_text() == "started vqgan\nfinished vqgan\n"
+    assert run("vqgan", 1.0).reusable() and not run("vqvae", 0.0).reusable()
+    # The rerun trains only the one that failed, alone (no prefix), and times it.
+    seconds = compare.train_runs([run("vqvae", 0.0), run("vqgan", 1.0)], 2, None)
+    out = capsys.readouterr().out
+    assert set(seconds) == {"vqvae"} and "reusing the vqgan tokenizer" in out and "\nstarted vqvae" in out
+
+
+def test_jobs_default_to_two_where_the_threads_can_be_halved(monkeypatch):
+    from pipelines import compare
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert CompareArguments(threads=1).resolved_jobs() == 1 and CompareArguments(threads=3).resolved_jobs() == 2
+    assert CompareArguments(threads=4, jobs=1).resolved_jobs() == 1
+    assert compare.job_threads(CompareArguments(threads=5), 2) == 2
+    assert compare.job_threads(CompareArguments(threads=1), 1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert CompareArguments().resolved_jobs() == 1
+    with pytest.raises(ValueError, match="--jobs must be 1 or 2"):
+        CompareArguments(jobs=3)

@@ -49,9 +49,9 @@ def test_bad_thread_counts_are_named(bad):
 class _ScriptedGovernor(ThreadGovernor):
     """A governor over 4 cores whose /proc samples are scripted: (seconds, busy ticks, own ticks)."""
 
-    def __init__(self, samples):
+    def __init__(self, samples, start_threads=None):
         self._samples = iter(samples)
-        super().__init__(max_threads=4, interval=0.0)
+        super().__init__(max_threads=4, interval=0.0, start_threads=start_threads)
         self.cpus = {f"cpu{i}" for i in range(4)}
         self.ticks_per_second = 100
 
@@ -66,6 +66,17 @@ def test_governor_gives_up_the_cores_others_use(other_ticks, expected):
     assert governor.update() == expected
     assert torch.get_num_threads() == expected
     assert governor.other_load == pytest.approx(other_ticks / 100)
+
+
+def test_a_process_told_its_share_starts_on_it_and_grows_once_the_cores_are_free(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv(threads.START_VARIABLE, "1")  # as vqgen compare starts runs side by side
+    assert set_torch_threads(None) == 1 and torch.get_num_threads() == 1
+    assert threads._governor.max_threads == threads.usable_cores() and threads._governor.threads == 1
+    # Its neighbours keep 3 of the 4 cores busy: it stays on its share; they have finished: it takes all 4.
+    busy = _ScriptedGovernor([(0.0, 0, 0), (1.0, 400, 100)], start_threads=1)
+    assert busy.threads == 1 and busy.update() == 1
+    assert _ScriptedGovernor([(0.0, 0, 0), (1.0, 100, 100)], start_threads=1).update() == 4
 
 
 def test_governor_waits_for_its_interval():
