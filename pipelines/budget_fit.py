@@ -43,6 +43,7 @@ from .budgets import Budget
 # probe's prediction with batch-32 priors (30.7 min against 27.7; docs/studies.md, the Fashion-MNIST runs), and in
 # 1.29x with batch-8 priors and tokenizers (38.0 min against 29.4: a batch-8 step leaves more to the loop around it,
 # 56 ms in training against the probe's 48 for the prior, 72 against 56 for the VQ-VAE), so the fit prices that.
+# Side by side, the Fashion-MNIST tokenizers trained in 1.25x the probe's prediction (12.5 min against 10.0).
 OVERHEAD = 1.3
 # The priors alone, timed again just before they train (refit_prior_steps): two Fashion-MNIST runs' priors trained in
 # 1.28x and 1.11x their first probe's prediction (compilation, validations, the code cache and the loop around the

@@ -41,7 +41,7 @@ SETTING_LABELS = {
     "perceptual_backend": "Perceptual loss network", "elapsed_seconds": "Elapsed",
     "library_versions": "Library versions", "class_names": "Classes",
     "train_minutes": "Training time target (min)", "budget_fit": "Steps fitted to the machine",
-    "sampling_precision": "Sampling precision",
+    "sampling_precision": "Sampling precision", "jobs": "Training runs at once",
 }
 CLASSIFIER_LABELS = {  # the evaluation classifier's facts shown up front; the rest go under "all fields"
     "test_accuracy": "Classifier test accuracy", "sentiment_test_accuracy": "Sentiment classifier test accuracy",

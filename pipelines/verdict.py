@@ -97,8 +97,10 @@ METRICS: dict[str, Metric] = {
                                               "code predictability, not sample quality."),
     "val_bits_per_code": Metric("Validation bits/code", None, "The same in bits per code."),
     # Training cost
-    "tokenizer_seconds": Metric("Tokenizer training", None, "Wall-clock time of stage 1.", "seconds"),
-    "prior_seconds": Metric("Prior training", None, "Wall-clock time of stage 2.", "seconds"),
+    "tokenizer_seconds": Metric("Tokenizer training", None, "Wall-clock time of stage 1 (the two variants train side "
+                                "by side unless --jobs 1).", "seconds"),
+    "prior_seconds": Metric("Prior training", None, "Wall-clock time of stage 2 (side by side unless --jobs 1).",
+                            "seconds"),
 }
 
 
