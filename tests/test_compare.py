@@ -311,3 +311,19 @@ def test_jobs_default_to_two_where_the_threads_can_be_halved(monkeypatch):
     assert CompareArguments().resolved_jobs() == 1
     with pytest.raises(ValueError, match="--jobs must be 1 or 2"):
         CompareArguments(jobs=3)
+
+
+def test_side_by_side_output_names_its_run_and_thins_progress_bars(tmp_path, capsys):
+    import io
+
+    from pipelines import compare
+
+    lines = ["loading\n", "prior:   1%|          | 1/100 [00:00<00:10]\n",
+             "prior:   2%|          | 2/100 [00:00<00:10]\n", "prior: 100%|##########| 100/100 [00:10<00:00]\n", "done\n"]
+    compare._relay(io.StringIO("".join(lines)), tmp_path / "run.log", "[vqgan] ")
+    shown = capsys.readouterr().out.splitlines()
+    # The first bar is shown, the next within PROGRESS_EVERY_S is not, the finished bar always is; the log has all.
+    assert shown == ["[vqgan] " + line.rstrip("\n") for line in (lines[0], lines[1], lines[3], lines[4])]
+    assert (tmp_path / "run.log").read_text() == "".join(lines)
+    compare._relay(io.StringIO("".join(lines)), tmp_path / "alone.log", "")  # a run alone: everything, as it is
+    assert capsys.readouterr().out == "".join(lines)
