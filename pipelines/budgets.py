@@ -183,11 +183,15 @@ class CompareArguments:
             raise ValueError(f"--jobs must be 1 or 2 (the two variants' runs), got {self.jobs}")
         self.resolved_budget()  # a bad override (e.g. --tokenizer-steps 0) is refused before anything runs
 
-    def resolved_jobs(self) -> int:
-        """--jobs, or 2 where the threads (--threads, OMP_NUM_THREADS or the usable cores) can be halved."""
+    def thread_total(self) -> int:
+        """The threads the training runs share: --threads, OMP_NUM_THREADS or the usable cores."""
         from stage1_tokenizer.threads import usable_cores, user_threads
 
-        return self.jobs or (2 if (self.threads or user_threads() or usable_cores()) >= 2 else 1)
+        return self.threads or user_threads() or usable_cores()
+
+    def resolved_jobs(self) -> int:
+        """--jobs, or 2 where the threads (`thread_total`) can be halved."""
+        return self.jobs or (2 if self.thread_total() >= 2 else 1)
 
     def overrides(self) -> dict:
         """Budget fields set by the user: the budget file's, then the command line's."""

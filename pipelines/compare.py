@@ -224,7 +224,7 @@ def _explicit_steps(arguments: CompareArguments) -> list[str]:
 def job_threads(arguments: CompareArguments, jobs: int) -> int:
     """Threads for each of `jobs` training processes at once: their share of --threads, OMP_NUM_THREADS or the
     free cores."""
-    return max(1, (arguments.threads or user_threads() or usable_cores()) // jobs)
+    return max(1, arguments.thread_total() // jobs)
 
 
 def fitted_budget(arguments: CompareArguments, budget: Budget, dataset: str, num_classes: int,
