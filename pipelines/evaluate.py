@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +30,15 @@ from .verdict import COLUMN_NAMES
 
 # Samples per generate() batch in the evaluation (images and text).
 SAMPLE_BATCH = 250
+
+
+@contextmanager
+def evaluating(what: str):
+    """Print `evaluating WHAT` as a phase starts and its seconds when it ends: where the evaluation's minutes go."""
+    print(f"evaluating {what}", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"evaluating {what}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def _grid(images: torch.Tensor, nrow: int) -> Image.Image:
@@ -71,9 +82,9 @@ def guidance_sweep(pipes: dict[str, VQPipeline], classifier, reference: torch.Te
     """
     sweep = {}
     for variant, pipe in pipes.items():
-        print(f"evaluating {variant}: guidance sweep ({len(labels)} samples at scales {list(scales)})")
-        sweep[variant] = [{"guidance_scale": scale, **score_sampling(pipe, classifier, reference, labels, seed, scale)}
-                          for scale in scales]
+        with evaluating(f"{variant}: guidance sweep ({len(labels)} samples at scales {list(scales)})"):
+            sweep[variant] = [{"guidance_scale": scale,
+                               **score_sampling(pipe, classifier, reference, labels, seed, scale)} for scale in scales]
     return sweep
 
 
@@ -101,7 +112,8 @@ def _per_class_images(images: torch.Tensor, labels: torch.Tensor, num_classes: i
 @torch.no_grad()
 def _features(classifier, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     classifier.eval()
-    return torch.cat([classifier.features(images[i : i + batch_size].float()) for i in range(0, len(images), batch_size)])
+    return torch.cat([classifier.features(images[i : i + batch_size].float())
+                      for i in range(0, len(images), batch_size)])
 
 
 def _sample_intervals(classifier, real: torch.Tensor, fake: torch.Tensor, requested: list[int] | None,
@@ -124,8 +136,9 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     """
     first = next(iter(pipes.values()))
     config = first.tokenizer.config
-    classifier, classifier_info = load_or_train_classifier(dataset, config.resolution, config.in_channels,
-                                                           classifier_seed)
+    with evaluating("the feature classifier"):
+        classifier, classifier_info = load_or_train_classifier(dataset, config.resolution, config.in_channels,
+                                                               classifier_seed)
     count = num_samples
     eval_split = load_split(dataset, "eval", "image")  # loaded once, for the real rows and both reconstructions
     real_test, test_labels = load_images(eval_split, "eval", config.resolution, config.in_channels, max_items=count)
@@ -145,26 +158,29 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
     results["figures"]["samples"]["real"] = "figures/samples_real.png"
     spectra = {"real test images": radial_power_spectrum(real_test)}
     for variant, pipe in pipes.items():
-        print(f"evaluating {variant}: reconstructions")
-        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split, classifier)
-        results["reconstruction"][variant].pop("classifier_accuracy_real", None)  # the real row has the classifier's
-        with torch.no_grad():
-            recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float().cpu()
-                                   for i in range(0, count, 250)])
-        results["reconstruction"][variant]["high_frequency_ratio"] = high_frequency_ratio(recon_all, real_test)
-        spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = radial_power_spectrum(recon_all)
-        originals, recon = real_test[:8], recon_all[:8]
-        _grid(torch.cat([originals, recon]), 8).save(figures / f"reconstructions_{variant}.png")
-        results["figures"]["reconstructions"][variant] = f"figures/reconstructions_{variant}.png"
-        print(f"evaluating {variant}: {count} samples")
-        fake = _generate_images(pipe, requested, count, guidance_scale, seed)
-        results["generation"][variant] = image_generation_metrics(classifier, real_test, fake, requested, seed=seed)
-        results["intervals"]["generation"][variant] = _sample_intervals(classifier, real_test, fake, requested, seed)
-        results["generation"][variant]["high_frequency_ratio"] = high_frequency_ratio(fake, real_test)
-        spectra[f"{COLUMN_NAMES[variant]} samples"] = radial_power_spectrum(fake)
-        grid = _per_class_images(fake, torch.tensor(requested), num_classes, per_class) if conditional else fake[:64]
-        _grid(grid, per_class if conditional else 8).save(figures / f"samples_{variant}.png")
-        results["figures"]["samples"][variant] = f"figures/samples_{variant}.png"
+        with evaluating(f"{variant}: reconstructions"):
+            row = results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split, classifier)
+            row.pop("classifier_accuracy_real", None)  # the real row has the classifier's
+            with torch.no_grad():
+                recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float()
+                                       .cpu() for i in range(0, count, 250)])
+            row["high_frequency_ratio"] = high_frequency_ratio(recon_all, real_test)
+            spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = radial_power_spectrum(recon_all)
+            originals, recon = real_test[:8], recon_all[:8]
+            _grid(torch.cat([originals, recon]), 8).save(figures / f"reconstructions_{variant}.png")
+            results["figures"]["reconstructions"][variant] = f"figures/reconstructions_{variant}.png"
+        with evaluating(f"{variant}: {count} samples"):
+            fake = _generate_images(pipe, requested, count, guidance_scale, seed)
+            row = results["generation"][variant] = image_generation_metrics(classifier, real_test, fake, requested,
+                                                                            seed=seed)
+            results["intervals"]["generation"][variant] = _sample_intervals(classifier, real_test, fake, requested,
+                                                                            seed)
+            row["high_frequency_ratio"] = high_frequency_ratio(fake, real_test)
+            spectra[f"{COLUMN_NAMES[variant]} samples"] = radial_power_spectrum(fake)
+            grid = (_per_class_images(fake, torch.tensor(requested), num_classes, per_class) if conditional
+                    else fake[:64])
+            _grid(grid, per_class if conditional else 8).save(figures / f"samples_{variant}.png")
+            results["figures"]["samples"][variant] = f"figures/samples_{variant}.png"
         extra, notes = optional_pretrained_metrics(real_test, fake)
         results["generation"][variant].update(extra)
         results["notes"] += [n for n in notes if n not in results["notes"]]

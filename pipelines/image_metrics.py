@@ -124,8 +124,11 @@ def image_generation_metrics(classifier: FeatureClassifier, real_images, fake_im
     # unbiased MMD estimate has the same expectation at any subset size.
     subset_size = max(2, min(kid_subset_size, min(len(real), len(fake)) // 2))
     frechet = FrechetInceptionDistance(feature=features)
-    kernel = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset_size)
-    inception = InceptionScore(feature=ClassifierFeatures(classifier, real.shape[1:], output="logits"), splits=1)
+    with warnings.catch_warnings():
+        # Both warn that they keep every feature: wanted here (read back below); N x the feature width in floats.
+        warnings.filterwarnings("ignore", message=r".*will save all extracted features in buffer", category=UserWarning)
+        kernel = KernelInceptionDistance(feature=features, subsets=kid_subsets, subset_size=subset_size)
+        inception = InceptionScore(feature=ClassifierFeatures(classifier, real.shape[1:], output="logits"), splits=1)
     for images, is_real in ((real, True), (fake, False)):
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import scipy.linalg
 import torch
 
 from pipelines import classifier as C
+from pipelines import evaluate as E
 from pipelines import image_metrics as IM
 from pipelines import text_metrics as T
 from stage1_tokenizer import VQConfig, VQModel
@@ -206,7 +208,11 @@ def test_classifier_rejects_wrong_image_shape(digits_classifier):
 def test_image_metrics_real_against_itself_and_against_noise(digits_classifier, digits_test_images):
     classifier, info, _ = digits_classifier
     images, labels = digits_test_images
-    same = IM.image_generation_metrics(classifier, images, images, requested_labels=labels, kid_subsets=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        same = IM.image_generation_metrics(classifier, images, images, requested_labels=labels, kid_subsets=10)
+    # torchmetrics' notes that KID and IS keep their features (wanted here) are not repeated at every call.
+    assert not [w for w in caught if "extracted features" in str(w.message)]
     assert set(same) == {"fd_classifier", "kid_mean", "kid_std", "inception_score", "precision", "recall",
                          "class_hist_kl", "class_accuracy"}
     assert same["fd_classifier"] == pytest.approx(0.0, abs=1e-6)
@@ -223,6 +229,15 @@ def test_image_metrics_real_against_itself_and_against_noise(digits_classifier, 
     assert bad["kid_mean"] > same["kid_mean"] + 10 * bad["kid_std"]
     assert bad["precision"] < 0.5
     assert bad["inception_score"] < same["inception_score"]
+
+
+def test_evaluation_phases_print_their_seconds(monkeypatch, capsys):
+    clock = iter([100.0, 162.4])
+    monkeypatch.setattr(E.time, "perf_counter", lambda: next(clock))
+    with E.evaluating("vqgan: 2000 samples"):
+        print("inside")
+    assert capsys.readouterr().out.splitlines() == [
+        "evaluating vqgan: 2000 samples", "inside", "evaluating vqgan: 2000 samples: 62 s"]
 
 
 def test_image_metrics_match_hand_formulas_on_the_same_classifier_outputs(digits_classifier, digits_test_images):
