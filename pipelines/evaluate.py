@@ -162,8 +162,8 @@ def evaluate_images(pipes: dict[str, VQPipeline], dataset: str, num_samples: int
             row = results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split, classifier)
             row.pop("classifier_accuracy_real", None)  # the real row has the classifier's
             with torch.no_grad():
-                recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + 250])).float()
-                                       .cpu() for i in range(0, count, 250)])
+                recon_all = torch.cat([pipe.tokenizer.decode(pipe.tokenizer.encode(real_test[i:i + SAMPLE_BATCH]))
+                                       .float().cpu() for i in range(0, count, SAMPLE_BATCH)])
             row["high_frequency_ratio"] = high_frequency_ratio(recon_all, real_test)
             spectra[f"{COLUMN_NAMES[variant]} reconstructions"] = radial_power_spectrum(recon_all)
             originals, recon = real_test[:8], recon_all[:8]
@@ -230,7 +230,8 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     chosen = torch.tensor(evaluation_subset(len(held_out), num_samples))
     real_texts = bytes_to_strings(held_out.windows[chosen])
     real_labels = held_out.labels[chosen].tolist() if held_out.has_labels else None
-    ngram = CharNgramModel(order=5).fit(train_texts)
+    with evaluating("the 5-gram model"):
+        ngram = CharNgramModel(order=5).fit(train_texts)
     # The training text as the tokenizer saw it, for the copy rate: records, or one stream of newline-joined lines.
     seen = train_texts if train_labels is not None else ["\n".join(train_texts)]
     conditional = first.layout.conditional
@@ -238,16 +239,21 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
     results = {"classifier": {}, "reconstruction": {}, "generation": {}, "text_samples": {}, "notes": [],
                "intervals": {"generation": {}}}
     if conditional:
-        sentiment = SentimentClassifier(seed=0).fit(train_texts, train_labels)
-        results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
+        with evaluating("the sentiment classifier"):
+            sentiment = SentimentClassifier(seed=0).fit(train_texts, train_labels)
+            results["classifier"]["sentiment_test_accuracy"] = sentiment.accuracy(real_texts, real_labels)
     requested = list(real_labels) if conditional else None
     for variant, pipe in pipes.items():
-        results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split)
-        out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
-                            guidance_scale=guidance_scale if conditional else 1.0, seed=seed, batch_size=SAMPLE_BATCH)
-        results["generation"][variant] = text_generation_metrics(out.texts, seen, ngram, sentiment, requested)
-        results["intervals"]["generation"][variant] = _text_intervals(out.texts, ngram, sentiment, requested, seed)
-        results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
+        with evaluating(f"{variant}: reconstructions"):
+            results["reconstruction"][variant] = reconstruction_metrics(pipe.tokenizer, eval_split)
+        with evaluating(f"{variant}: {len(real_texts)} samples"):
+            out = pipe.generate(num_samples=len(real_texts), class_labels=requested,
+                                guidance_scale=guidance_scale if conditional else 1.0, seed=seed,
+                                batch_size=SAMPLE_BATCH)
+            results["generation"][variant] = text_generation_metrics(out.texts, seen, ngram, sentiment, requested)
+            results["intervals"]["generation"][variant] = _text_intervals(out.texts, ngram, sentiment, requested,
+                                                                          seed)
+            results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
     results["generation"]["real"] = text_generation_metrics(real_texts, seen, ngram, sentiment, requested)
     results["text_samples"]["real"] = _texts_by_class(real_texts, requested, first.class_names)
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -189,13 +190,17 @@ def _write_review_data(folder):
     return folder
 
 
-def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_budget, tmp_path):
+def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_budget, tmp_path, capsys):
     (tmp_path / "reviews").mkdir()
     data = _write_review_data(tmp_path / "reviews")
     out = few_step_budget
     main(["compare", "--modality", "text", "--dataset", str(data), "--budget", "quick", *FEW_STEPS,
           "--output-dir", str(out)])
 
+    # The log names each evaluation phase and its seconds, as the image evaluation's does.
+    log = capsys.readouterr().out
+    for phase in ("the 5-gram model", "the sentiment classifier", "vqvae: reconstructions", r"vqgan: \d+ samples"):
+        assert re.search(rf"evaluating {phase}: \d+ s", log), phase
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["modality"] == "text" and metrics["settings"]["class_conditional"] is True
     assert metrics["settings"]["class_names"] == ["negative", "positive"]
