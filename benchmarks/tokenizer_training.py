@@ -42,7 +42,8 @@ def config_tag(fields: dict) -> str:
     return "".join(f"_{key}{str(value).lower()}" for key, value in sorted(fields.items()))
 
 
-def train(args, variant: str, schedule: str, learning_rate: float | None, fields: dict) -> tuple[Path, float]:
+def run_folder(args, variant: str, schedule: str, learning_rate: float | None, fields: dict) -> Path:
+    """The folder of one training run, named by every setting the study varies (seed included)."""
     # Constant-rate runs at the preset's rate and batch 32 keep the folder names they had before schedules,
     # rates and batches were measured, so they are reused.
     tag = "" if schedule == "constant" else f"_{schedule}"
@@ -55,7 +56,13 @@ def train(args, variant: str, schedule: str, learning_rate: float | None, fields
     tag += config_tag(fields)
     if args.adam_betas:
         tag += "_betas{:g}-{:g}".format(*args.adam_betas)
-    folder = Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
+    if args.seed:  # seed 0's folders keep the names they had before seeds were named
+        tag += f"_seed{args.seed}"
+    return Path(args.output_dir) / f"tokenizer_{variant}_{args.steps}{tag}_ema{args.weight_ema:g}"
+
+
+def train(args, variant: str, schedule: str, learning_rate: float | None, fields: dict) -> tuple[Path, float]:
+    folder = run_folder(args, variant, schedule, learning_rate, fields)
     command = [sys.executable, "-m", "stage1_tokenizer.train", "--dataset", str(args.data), "--variant", variant,
                "--preset", "small", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--disc-start", str(args.disc_start), "--weight-ema", str(args.weight_ema), "--seed", str(args.seed),
@@ -118,7 +125,7 @@ def json_object(text: str) -> dict:
     return value
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(SHARED_DATA / "fashion_mnist"))
     parser.add_argument("--variants", nargs="+", choices=("vqvae", "vqgan"), default=["vqgan", "vqvae"])
@@ -140,7 +147,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/tokenizer_training")
     parser.add_argument("--output", type=Path)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":

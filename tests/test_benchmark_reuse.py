@@ -87,3 +87,16 @@ def test_a_prior_folder_is_checked_against_stage_2s_arguments(tmp_path, runs):
         _common.run_or_reuse(command[:-3] + ["6000", "--output-dir", str(folder)], folder, "model.safetensors",
                              untimed_ok=True)
     assert runs == []
+
+
+def test_tokenizer_study_folders_differ_by_seed():
+    """Another seed of one setting trains its own run: sharing seed 0's folder would stop the study as stale."""
+    import tokenizer_training
+
+    def folder(*flags: str) -> Path:
+        args = tokenizer_training.parse_args(["--output-dir", "runs", "--batch-size", "8", *flags])
+        return tokenizer_training.run_folder(args, "vqgan", "cooldown", None, {"num_res_blocks": 2})
+
+    assert folder().name == "tokenizer_vqgan_2400_cooldown_batch8_num_res_blocks2_ema0.999"  # seed 0's names as before
+    assert folder("--seed", "1").name == "tokenizer_vqgan_2400_cooldown_batch8_num_res_blocks2_seed1_ema0.999"
+    assert folder("--seed", "1") != folder("--seed", "2")
