@@ -254,7 +254,8 @@ def evaluate_texts(pipes: dict[str, VQPipeline], dataset: str, num_samples: int,
             results["intervals"]["generation"][variant] = _text_intervals(out.texts, ngram, sentiment, requested,
                                                                           seed)
             results["text_samples"][variant] = _texts_by_class(out.texts, requested, pipe.class_names)
-    results["generation"]["real"] = text_generation_metrics(real_texts, seen, ngram, sentiment, requested)
+    with evaluating(f"{len(real_texts)} real texts"):
+        results["generation"]["real"] = text_generation_metrics(real_texts, seen, ngram, sentiment, requested)
     results["text_samples"]["real"] = _texts_by_class(real_texts, requested, first.class_names)
     return results
 

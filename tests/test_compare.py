@@ -199,7 +199,8 @@ def test_text_compare_on_labelled_reviews_writes_texts_and_sentiment(few_step_bu
 
     # The log names each evaluation phase and its seconds, as the image evaluation's does.
     log = capsys.readouterr().out
-    for phase in ("the 5-gram model", "the sentiment classifier", "vqvae: reconstructions", r"vqgan: \d+ samples"):
+    for phase in ("the 5-gram model", "the sentiment classifier", "vqvae: reconstructions", r"vqgan: \d+ samples",
+                  r"\d+ real texts"):
         assert re.search(rf"evaluating {phase}: \d+ s", log), phase
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["settings"]["modality"] == "text" and metrics["settings"]["class_conditional"] is True
